@@ -1,0 +1,118 @@
+"""`rlhflab <stage> [--config file.yaml] [--option value ...]`.
+
+Thin by design: parse the stage's config, call the stage. The option list of every stage comes
+from its config dataclass (rlhflab/config.py), so `--help`, YAML keys and validation agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+
+from rlhflab import config as cfg
+from rlhflab.errors import NonFiniteError, UsageError
+
+# command -> (config class path, function path, one-line description)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "sft": ("rlhflab.config:SFTConfig", "rlhflab.stages.sft:run", "supervised fine-tuning (InstructGPT step 1)"),
+    "pretrain": ("rlhflab.config:PretrainConfig", "rlhflab.stages.pretrain:run", "next-token pretraining on raw text"),
+    "merge": ("rlhflab.config:MergeConfig", "rlhflab.models.loading:merge_command", "merge a LoRA adapter into its base"),
+}
+
+
+def _load(path: str):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _help_text(f) -> str:
+    text = f.metadata.get("help", "")
+    choices = f.metadata.get("choices")
+    if choices:
+        text += " {" + ",".join(str(c) for c in choices if c is not None) + "}"
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return f"{text} (default: {default})".replace("%", "%%")
+
+
+def build_parser(command: str, config_cls) -> argparse.ArgumentParser:
+    description = COMMANDS[command][2] if command in COMMANDS else ""
+    parser = argparse.ArgumentParser(
+        prog=f"rlhflab {command}", description=description, allow_abbrev=False
+    )
+    parser.add_argument("--config", help="YAML file of options (command-line options override it)")
+    types_ = cfg._resolved_types(config_cls)
+    for f in cfg.fields_of(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        if cfg._base_type(types_[f.name]) is bool:
+            # `--lora`, `--lora true|false` and `--no-lora` all work.
+            parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS,
+                                metavar="BOOL", help=_help_text(f))
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const",
+                                const="false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="VALUE",
+                                help=_help_text(f))
+    return parser
+
+
+def parse(command: str, argv: list[str]):
+    """Parse a stage's options into its config; UsageError on anything unknown or invalid."""
+    config_cls = _load(COMMANDS[command][0])
+    parser = build_parser(command, config_cls)
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:
+        valid = ["--" + f.name.replace("_", "-") for f in cfg.fields_of(config_cls)] + ["--config"]
+        bad = next((u for u in unknown if u.startswith("-")), unknown[0])
+        flag = bad.split("=")[0]
+        if flag.startswith("-"):
+            raise UsageError(f"unknown option {flag} for `rlhflab {command}`" + cfg.suggest(flag, valid))
+        raise UsageError(f"unexpected argument {bad!r} for `rlhflab {command}` (options look like --name value)")
+    cli_values = vars(known)
+    yaml_path = cli_values.pop("config", None)
+    yaml_values = cfg.load_yaml(yaml_path) if yaml_path else {}
+    return cfg.build(config_cls, yaml_values, cli_values, yaml_path)
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: rlhflab <command> [--config file.yaml] [--option value ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {COMMANDS[name][2]}" for name in COMMANDS]
+    lines += ["", "`rlhflab <command> --help` lists every option with its default."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    # Sub-sub-commands (`rlhflab world export`, `rlhflab rm audit`) are registered as "world export".
+    if rest and f"{command} {rest[0]}" in COMMANDS:
+        command, rest = f"{command} {rest[0]}", rest[1:]
+    if command not in COMMANDS:
+        print(f"rlhflab: unknown command {command!r}" + cfg.suggest(command, list(COMMANDS)), file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        return 2
+    try:
+        config = parse(command, rest)
+        result = _load(COMMANDS[command][1])(config)
+    except UsageError as exc:
+        print(f"rlhflab {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteError as exc:
+        print(f"rlhflab {command}: stopped: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"\nrlhflab {command}: interrupted; the last checkpoint is intact (resume with --resume auto)",
+              file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Stage configs: one dataclass per stage, filled from defaults < YAML file < command line.
+
+Every field carries its help text and, where the values are a closed set, its choices, so the
+`--help` listing, the YAML keys and the validation all come from one place. Bad input raises
+UsageError naming the option (and the closest valid name, for a typo); nothing is rewritten
+silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rlhflab.errors import UsageError
+
+
+def opt(default, help: str, choices: tuple | None = None):
+    """A config field with its help text (and allowed values)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared option groups (plain dataclass inheritance; each stage adds its own fields).
+
+
+@dataclass
+class ModelOptions:
+    model: str | None = opt(None, "model: a local directory (HF model or peft adapter) or a hub id")
+    init_config: str | None = opt(
+        None, "build a fresh, randomly initialised model from this config.json (or a preset name)"
+    )
+    tokenizer: str | None = opt(None, "tokenizer directory or hub id (default: the model's)")
+    trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
+    device: str = opt("auto", "where to train: auto picks CUDA when present", ("auto", "cpu", "cuda"))
+    dtype: str = opt(
+        "auto", "weights dtype: auto = bf16 on CUDA that supports it, else fp32",
+        ("auto", "fp32", "bf16", "fp16"),
+    )
+    lora: bool = opt(False, "train a LoRA adapter instead of all weights")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input")
+    lora_target: str = opt("all-linear", "modules that get adapters: all-linear or comma-separated names")
+    qlora: bool = opt(False, "load the base in 4-bit (needs CUDA and bitsandbytes); implies --lora")
+    chat_template: str = opt(
+        "auto", "auto: the tokenizer's own template, or rlhflab's ChatML default when it has none",
+        ("auto", "default"),
+    )
+
+
+@dataclass
+class DataOptions:
+    data: str | None = opt(None, "training data: .jsonl/.json/.parquet file, save_to_disk dir or hub name")
+    format: str = opt(
+        "auto", "data format (auto detects it from the fields)",
+        ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "hc3", "pairs",
+         "rankings", "prompts", "text"),
+    )
+    hc3_answers: str = opt("chatgpt", "hc3 format: which answers to train on", ("chatgpt", "human", "both"))
+    eval_data: str | None = opt(None, "held-out data file (default: a split of --data)")
+    eval_fraction: float = opt(0.05, "share of --data held out for evaluation when --eval-data is absent")
+    max_rows: int = opt(0, "use at most this many rows of --data (0 = all)")
+    skip_bad_rows: bool = opt(False, "skip malformed rows (counted in summary.json) instead of failing")
+    max_length: int = opt(512, "longest sequence in tokens; longer rows are truncated (and counted)")
+
+
+@dataclass
+class TrainOptions:
+    out: str | None = opt(None, "stage directory (default: runs/<run>/<stage>)")
+    run: str = opt("default", "run name, used for the default output directory runs/<run>/<stage>")
+    seed: int = opt(0, "random seed for initialisation, data order and dropout")
+    epochs: float = opt(1.0, "passes over the training data (ignored when --max-steps > 0)")
+    max_steps: int = opt(0, "optimizer steps to run (0 = derive from --epochs)")
+    batch_size: int = opt(8, "rows per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(2e-4, "peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_ratio: float = opt(0.03, "share of steps spent warming the learning rate up linearly")
+    scheduler: str = opt("cosine", "learning-rate decay after warmup", ("cosine", "linear", "constant"))
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = off)")
+    group_by_length: bool = opt(True, "batch rows of similar length together to cut padding")
+    log_every: int = opt(10, "log metrics every N optimizer steps")
+    eval_every: int = opt(0, "evaluate every N steps (0 = only at the end)")
+    save_every: int = opt(0, "write a checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    resume: str | None = opt(None, "resume: 'auto' (latest checkpoint in the stage dir) or a checkpoint path")
+    report_to: str = opt("none", "where to send metrics besides metrics.jsonl", ("none", "tensorboard", "wandb"))
+    progress: bool = opt(True, "show progress bars")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage configs.
+
+
+@dataclass
+class SFTConfig(ModelOptions, DataOptions, TrainOptions):
+    """Supervised fine-tuning: next-token loss on assistant turns only."""
+
+    stage = "sft"
+
+
+@dataclass
+class PretrainConfig(ModelOptions, DataOptions, TrainOptions):
+    """Next-token prediction on raw text packed into fixed blocks."""
+
+    stage = "pretrain"
+    preset: str | None = opt(None, "fresh Llama of a named size (tiny ~2M, small ~8M parameters)", (None, "tiny", "small"))
+    text_field: str = opt("text", "field holding the text in .jsonl input")
+    samples: int = opt(3, "greedy continuations written to summary.json at the end")
+
+
+@dataclass
+class MergeConfig:
+    """Merge a LoRA adapter into its base model and save a plain HF model directory."""
+
+    stage = "merge"
+    adapter: str | None = opt(None, "adapter directory written by a LoRA stage")
+    out: str | None = opt(None, "output directory for the merged model")
+    dtype: str = opt("auto", "dtype of the saved weights", ("auto", "fp32", "bf16", "fp16"))
+    trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and validation.
+
+
+def fields_of(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
+def _base_type(tp):
+    """int | None -> int; keeps the type used to convert strings."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if args else str
+    return tp
+
+
+def _resolved_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def convert(cls, name: str, value, where: str):
+    """Turn a YAML/CLI value into the field's type; raise UsageError naming the option."""
+    tp = _base_type(_resolved_types(cls)[name])
+    flag = "--" + name.replace("_", "-")
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and tp is not str):
+        return None
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if tp is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UsageError(
+            f"{flag} ({where}): expected {tp.__name__}, got {value!r}"
+        ) from None
+
+
+def suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def load_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config: file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--config {path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def build(cls, yaml_values: dict, cli_values: dict, yaml_path: str | None = None):
+    """Defaults < YAML < CLI, converted and validated."""
+    names = [f.name for f in fields_of(cls)]
+    values = {}
+    for key, value in yaml_values.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise UsageError(
+                f"{yaml_path}: unknown key {key!r} for `rlhflab {cls.stage}`"
+                + suggest(name, names)
+            )
+        values[name] = convert(cls, name, value, f"in {yaml_path}")
+    for name, value in cli_values.items():
+        values[name] = convert(cls, name, value, "on the command line")
+    config = cls(**values)
+    validate(config)
+    return config
+
+
+def validate(config) -> None:
+    """Closed sets and ranges, in one place."""
+    for f in fields_of(type(config)):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices and value not in choices:
+            shown = ", ".join(str(c) for c in choices if c is not None)
+            raise UsageError(f"--{f.name.replace('_', '-')}: {value!r} is not one of: {shown}")
+    positive = ("batch_size", "grad_accum", "max_length", "lora_r", "log_every", "keep_checkpoints")
+    for name in positive:
+        if hasattr(config, name) and getattr(config, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(config, name)}")
+    non_negative = ("max_steps", "epochs", "lr", "weight_decay", "max_grad_norm", "eval_every",
+                    "save_every", "max_rows", "lora_dropout")
+    for name in non_negative:
+        if hasattr(config, name) and getattr(config, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(config, name)}")
+    for name in ("warmup_ratio", "eval_fraction"):
+        if hasattr(config, name) and not 0 <= getattr(config, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: must be in [0, 1), got {getattr(config, name)}")
+    check = getattr(config, "check", None)
+    if check:
+        check()
+
+
+def to_dict(config) -> dict:
+    return {f.name: getattr(config, f.name) for f in fields_of(type(config))}
+
+
+def save(config, path: Path) -> None:
+    from rlhflab.runs import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))

@@ -1,0 +1,243 @@
+"""Loading models and tokenizers: a local directory (HF model or peft adapter), a hub id, or a
+fresh model built from a config or a named preset. Device and dtype are chosen, not assumed:
+CUDA with bf16 where the card supports it, else fp32 on the CPU (bf16 on a CPU without native
+support is ~20x slower).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhflab.data.template import ensure_chat_template, ensure_pad_token
+from rlhflab.errors import UsageError
+
+# Llama-shaped presets for models trained from scratch (vocab size comes from the tokenizer).
+PRESETS = {
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4),
+    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8),
+    "bench": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+    "bench-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
+}
+
+
+@dataclass
+class Placement:
+    device: torch.device
+    dtype: torch.dtype          # dtype of frozen / LoRA-base weights
+    train_dtype: torch.dtype    # dtype of fully trained weights (fp32 master weights)
+    mixed_precision: str        # what accelerate should autocast to: "no" | "bf16" | "fp16"
+
+
+def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device auto or cpu)")
+    on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda" if on_cuda else "cpu")
+    if dtype == "auto":
+        dtype = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if dtype == "fp16" and not on_cuda:
+        raise UsageError("--dtype fp16 needs CUDA; use fp32 on the CPU")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[dtype]
+    return Placement(dev, torch_dtype, torch.float32, mixed)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model an adapter directory was trained on."""
+    config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise UsageError(f"{path}/adapter_config.json names no base_model_name_or_path")
+    return base
+
+
+def _check_source(name: str, option: str) -> None:
+    """A path that does not exist is an error here; a hub id is left to the hub to answer."""
+    p = Path(name)
+    if p.exists():
+        if p.is_dir() and not ((p / "config.json").exists() or is_adapter_dir(p)):
+            raise UsageError(f"{option} {name}: the directory has no config.json or adapter_config.json")
+        return
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith((".json", ".safetensors"))
+    if looks_like_path:
+        raise UsageError(f"{option} {name}: no such directory")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: str = "auto"):
+    from transformers import AutoTokenizer
+
+    _check_source(name, "--tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise UsageError(f"cannot load a tokenizer from {name}: {exc}") from None
+    if chat_template == "default":
+        tokenizer.chat_template = None
+    grew = ensure_chat_template(tokenizer)
+    grew = ensure_pad_token(tokenizer) or grew
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_fresh(init_config: str, tokenizer, seed: int = 0):
+    """A randomly initialised causal LM from a config.json path or a preset name."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    special = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                   eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    if init_config in PRESETS:
+        config = LlamaConfig(**PRESETS[init_config], num_key_value_heads=PRESETS[init_config]["num_attention_heads"],
+                             max_position_embeddings=2048, tie_word_embeddings=True, **special)
+    else:
+        path = Path(init_config)
+        if not path.exists():
+            raise UsageError(f"--init-config {init_config}: no such file, and not a preset ({', '.join(PRESETS)})")
+        config = AutoConfig.from_pretrained(str(path))
+        for key, value in special.items():
+            setattr(config, key, value)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_causal_lm(name: str, placement: Placement, trust_remote_code: bool = False, train_full: bool = False,
+                   option: str = "--model"):
+    """A causal LM from a local directory or hub id. Adapter directories are merged into their base."""
+    from transformers import AutoModelForCausalLM
+
+    _check_source(name, option)
+    dtype = placement.train_dtype if train_full else placement.dtype
+    if is_adapter_dir(name):
+        base = load_causal_lm(adapter_base(name), placement, trust_remote_code, train_full, option)
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, name).merge_and_unload()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{option} {name}: cannot load the model: {exc}") from None
+    return model.to(placement.device)
+
+
+def resize_for_tokenizer(model, tokenizer) -> bool:
+    """Grow the embeddings when the tokenizer got new tokens (pad, chat markers)."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+        return True
+    return False
+
+
+def apply_lora(model, config, extra_trainable: list[str] | None = None):
+    """Wrap with a fresh trainable LoRA adapter (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if config.lora_target == "all-linear" else [t.strip() for t in config.lora_target.split(",")]
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM", modules_to_save=extra_trainable or None)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise UsageError(f"--lora-target {config.lora_target}: {exc}") from None
+
+
+def count_parameters(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"parameters": total, "trainable_parameters": trainable}
+
+
+def load_for_training(config, placement: Placement):
+    """Model and tokenizer for a training stage, LoRA-wrapped when asked.
+
+    Returns (model, tokenizer, base_name) where base_name is what an adapter records as its base.
+    """
+    if config.qlora:
+        raise_unless_qlora_possible()
+    if config.model is None and config.init_config is None:
+        raise UsageError("give --model (a directory or hub id) or --init-config (a config.json or preset)")
+    tokenizer_name = config.tokenizer or config.model
+    if tokenizer_name is None:
+        raise UsageError("--init-config builds a fresh model: also give --tokenizer")
+    if config.model and is_adapter_dir(config.model) and config.tokenizer is None:
+        tokenizer_name = config.model
+    tokenizer = load_tokenizer(tokenizer_name, config.trust_remote_code, config.chat_template)
+    train_full = not (config.lora or config.qlora)
+    if config.model is None:
+        if not train_full:
+            raise UsageError("--lora needs a saved base model to attach the adapter to; --init-config builds an unsaved one")
+        model = build_fresh(config.init_config, tokenizer, config.seed).to(placement.device)
+        base_name = None
+    else:
+        model = load_causal_lm(config.model, placement, config.trust_remote_code, train_full)
+        base_name = adapter_base(config.model) if is_adapter_dir(config.model) else config.model
+        if is_adapter_dir(config.model) and not train_full:
+            # A new adapter on a merged one would need the merged weights saved as its base.
+            raise UsageError(
+                f"--model {config.model} is an adapter: merge it first (`rlhflab merge --adapter "
+                f"{config.model} --out DIR`) and train the new adapter on DIR"
+            )
+    grew = resize_for_tokenizer(model, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if not train_full:
+        extra = ["embed_tokens", "lm_head"] if grew else None
+        model = apply_lora(model, config, extra)
+    return model, tokenizer, base_name
+
+
+def raise_unless_qlora_possible() -> None:
+    if not torch.cuda.is_available():
+        raise UsageError("--qlora loads the base in 4-bit, which needs CUDA; use --lora on the CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UsageError("--qlora needs the bitsandbytes package: pip install bitsandbytes") from None
+    raise UsageError("--qlora: 4-bit loading is not wired into this version yet; use --lora")
+
+
+def save_model(model, tokenizer, out: Path, base_name: str | None = None) -> None:
+    """Save the trained model (full weights or adapter) and tokenizer as safetensors into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    unwrapped = getattr(model, "module", model)
+    unwrapped.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    if base_name is not None and is_adapter_dir(out):
+        path = out / "adapter_config.json"
+        adapter = json.loads(path.read_text(encoding="utf-8"))
+        base = Path(base_name)
+        adapter["base_model_name_or_path"] = str(base.resolve()) if base.exists() else base_name
+        path.write_text(json.dumps(adapter, indent=2), encoding="utf-8")
+
+
+def merge_command(config) -> int:
+    """`rlhflab merge --adapter DIR --out DIR`: a plain HF model directory."""
+    from rlhflab.runs import atomic_write_json
+
+    if not config.adapter or not config.out:
+        raise UsageError("give --adapter (an adapter directory) and --out (where to write the merged model)")
+    if not is_adapter_dir(config.adapter):
+        raise UsageError(f"--adapter {config.adapter}: no adapter_config.json there")
+    placement = choose_placement("cpu", "fp32" if config.dtype == "auto" else config.dtype)
+    model = load_causal_lm(config.adapter, placement, config.trust_remote_code, option="--adapter")
+    tokenizer = load_tokenizer(config.adapter, config.trust_remote_code)
+    out = Path(config.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tokenizer, tmp)
+    atomic_write_json(tmp / "merged_from.json", {"adapter": str(Path(config.adapter).resolve()),
+                                                  "base": adapter_base(config.adapter)})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"merged model written to {out}")
+    return 0

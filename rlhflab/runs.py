@@ -1,0 +1,177 @@
+"""Stage directories, metrics, summaries and atomic checkpoints.
+
+A stage writes `runs/<run>/<stage>/`:
+    config.yaml      the resolved options
+    metrics.jsonl    one JSON line per logged step
+    summary.json     final figures; written last, so its presence means the stage finished
+    checkpoints/     step-N/ directories, each complete before it gets its name
+    (the model)      HF model or peft adapter files plus the tokenizer
+
+Checkpoints are written to a hidden temporary directory and renamed into place: a process killed
+mid-save leaves the previous checkpoint untouched and usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def stage_dir(config) -> Path:
+    return Path(config.out) if config.out else Path("runs") / config.run / config.stage
+
+
+def peak_memory() -> dict:
+    """Peak resident memory of this process (and peak CUDA memory when used), in MiB."""
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_mib = rss_kb / (1024 * 1024) if sys.platform == "darwin" else rss_kb / 1024
+    out = {"peak_rss_mib": round(rss_mib, 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+class MetricsLog:
+    """Appends one JSON line per logged step; optionally mirrors to tensorboard/wandb via accelerate."""
+
+    def __init__(self, path: Path, accelerator=None, resume_step: int = 0):
+        self.path = path
+        self.accelerator = accelerator
+        if resume_step and path.exists():
+            # Drop lines past the checkpoint we resume from, so the log reads like one run.
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+        elif path.exists():
+            path.unlink()
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: _round(v) for k, v in metrics.items()}}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.accelerator is not None and self.accelerator.trackers:
+            numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+            self.accelerator.log(numeric, step=step)
+
+
+def _round(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    return value
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class Timer:
+    """Wall time and throughput of the training loop (model loading excluded)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.tokens = 0
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+             and (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def find_resume(out: Path, resume: str | None) -> Path | None:
+    """`--resume auto` -> the latest complete checkpoint (or None); a path -> that checkpoint."""
+    from rlhflab.errors import UsageError
+
+    if not resume:
+        return None
+    if resume == "auto":
+        found = checkpoint_dirs(out)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").exists():
+        raise UsageError(f"--resume: {resume} is not a checkpoint directory (no trainer_state.json)")
+    return path
+
+
+def save_checkpoint(out: Path, step: int, write, state: dict, keep: int) -> Path:
+    """Write a checkpoint atomically: `write(tmp_dir)` fills it, then it is renamed into place."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step}-"))
+    try:
+        write(tmp)
+        atomic_write_json(tmp / "trainer_state.json", {"step": step, **state})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def clean_stale_tmp(out: Path) -> None:
+    """Remove half-written checkpoints left by a killed process."""
+    root = out / "checkpoints"
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,220 @@
+"""What every training stage shares: placement and accelerate set-up, the optimizer and schedule,
+a resumable batch order, atomic checkpoints and the closing summary. Each stage keeps its own
+loop (load, build, loop, save); only these building blocks are shared.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlhflab import config as cfg
+from rlhflab import runs
+from rlhflab.errors import UsageError
+from rlhflab.models.loading import Placement, choose_placement
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Setup:
+    out: Path
+    placement: Placement
+    accelerator: object
+    resume_from: Path | None
+    state: dict = field(default_factory=dict)   # trainer_state.json of the checkpoint resumed from
+
+
+def prepare_stage(config) -> Setup:
+    """Placement, accelerator, seed and the stage directory. Validates before touching disk."""
+    from accelerate import Accelerator
+
+    placement = choose_placement(config.device, config.dtype)
+    out = runs.stage_dir(config)
+    resume_from = runs.find_resume(out, config.resume)
+    log_with = None if config.report_to == "none" else config.report_to
+    if log_with == "tensorboard":
+        _require("tensorboard", "--report-to tensorboard")
+    if log_with == "wandb":
+        _require("wandb", "--report-to wandb")
+    accelerator = Accelerator(
+        cpu=placement.device.type == "cpu",
+        mixed_precision=placement.mixed_precision if not getattr(config, "lora", False) else "no",
+        log_with=log_with,
+        project_dir=str(out),
+    )
+    set_seed(config.seed)
+    state = runs.load_trainer_state(resume_from) if resume_from else {}
+    return Setup(out, placement, accelerator, resume_from, state)
+
+
+def _require(module: str, option: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        raise UsageError(f"{option} needs the {module} package: pip install {module}") from None
+
+
+def start_outputs(setup: Setup, config) -> runs.MetricsLog:
+    """Create the stage directory (only once inputs are known good) and save the resolved config."""
+    setup.out.mkdir(parents=True, exist_ok=True)
+    runs.clean_stale_tmp(setup.out)
+    (setup.out / "summary.json").unlink(missing_ok=True)
+    cfg.save(config, setup.out / "config.yaml")
+    if setup.accelerator.log_with:
+        setup.accelerator.init_trackers(config.stage, config=cfg.to_dict(config))
+    return runs.MetricsLog(setup.out / "metrics.jsonl", setup.accelerator,
+                           resume_step=setup.state.get("step", 0))
+
+
+def make_optimizer(model, config) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() or name.endswith("bias") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def make_scheduler(optimizer, config, total_steps: int):
+    warmup = int(config.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if config.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def total_steps(config, n_rows: int) -> int:
+    if config.max_steps > 0:
+        return config.max_steps
+    per_epoch = math.ceil(n_rows / config.batch_size / config.grad_accum)
+    return max(1, math.ceil(per_epoch * config.epochs))
+
+
+class BatchOrder:
+    """Deterministic, resumable micro-batch order over `lengths`.
+
+    Epoch e shuffles with seed (seed, e). With grouping, rows are sorted by length inside
+    windows of 50 batches so a micro-batch holds similar lengths (less padding), and the
+    batches themselves are shuffled. Position = (epoch, index of the next micro-batch).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
+        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group_by_length
+        self.epoch, self.index = 0, 0
+        self._batches = self._make(0)
+
+    def _make(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths)).tolist()
+        if self.group:
+            window = self.batch_size * 50
+            order = [i for start in range(0, len(order), window)
+                     for i in sorted(order[start:start + window], key=lambda j: self.lengths[j])]
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.group:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def next(self) -> list[int]:
+        if self.index >= len(self._batches):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._batches = self._make(self.epoch)
+        batch = self._batches[self.index]
+        self.index += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._batches = self._make(self.epoch)
+
+
+def shard(batch: list[int], accelerator) -> list[int]:
+    """This process's share of a global micro-batch (data parallel under accelerate launch)."""
+    n, rank = accelerator.num_processes, accelerator.process_index
+    return batch[rank::n] if n > 1 else batch
+
+
+def checkpoint_trainable_only(accelerator) -> None:
+    """With LoRA, checkpoints hold only the trainable weights (the adapter), not the frozen base."""
+
+    def keep_trainable(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            wanted = {name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+            for key in [k for k in state if k not in wanted]:
+                del state[key]
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
+
+
+def save_checkpoint(setup: Setup, config, step: int, order: BatchOrder, extra: dict | None = None) -> Path:
+    """Model, optimizer, scheduler and RNG through accelerate, plus the data position, atomically."""
+    accelerator = setup.accelerator
+
+    def write(tmp: Path) -> None:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+
+    state = {"order": order.state_dict(), **(extra or {})}
+    path = None
+    if accelerator.is_main_process:
+        path = runs.save_checkpoint(setup.out, step, write, state, config.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def restore_checkpoint(setup: Setup, order: BatchOrder, strict: bool = True) -> int:
+    """Load model/optimizer/scheduler/RNG and the data position; return the step to continue from.
+
+    strict=False for LoRA checkpoints, which hold only the adapter (the base is loaded as usual).
+    """
+    setup.accelerator.load_state(str(setup.resume_from), strict=strict)
+    order.load_state_dict(setup.state["order"])
+    print(f"resumed from {setup.resume_from} at step {setup.state['step']}", file=sys.stderr)
+    return setup.state["step"]
+
+
+def progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
+                file=sys.stderr, mininterval=1.0)
+
+
+def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Path | None) -> None:
+    if not torch.isfinite(value).all():
+        from rlhflab.errors import NonFiniteError
+
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+        raise NonFiniteError(f"{what} is {value.item()} at step {step}; stopped ({where})")
+
+
+def finish(setup: Setup, summary: dict) -> dict:
+    """Write summary.json last: its presence marks the stage as finished."""
+    summary = {**summary, **runs.peak_memory()}
+    runs.atomic_write_json(setup.out / "summary.json", summary)
+    if setup.accelerator.log_with:
+        setup.accelerator.end_training()
+    return summary

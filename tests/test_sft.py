@@ -1,0 +1,134 @@
+"""SFT end to end on tiny models: smoke runs per architecture, LoRA/full, merge, resume, crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhflab.cli import main
+from rlhflab.runs import read_metrics
+
+from conftest import ARCHS, ROOT, SAMPLES
+
+DATA = SAMPLES / "sft_messages.jsonl"
+
+
+def sft(model: Path, out: Path, *extra) -> dict:
+    code = main(["sft", "--model", str(model), "--data", str(DATA), "--out", str(out), "--lr", "3e-3",
+                 "--log-every", "1", "--progress", "false", "--eval-fraction", "0", *map(str, extra)])
+    assert code == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def losses(out: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(out / "metrics.jsonl") if "loss" in row]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_sft_changes_every_weight_and_lowers_loss(arch, tiny_model, tmp_path):
+    model_dir = tiny_model(arch)
+    summary = sft(model_dir, tmp_path / "out", "--max-steps", 15)
+    before, after = load_file(model_dir / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    unchanged = [k for k in after if k in before and torch.equal(before[k], after[k])]
+    assert not unchanged, f"{arch}: parameters that did not change: {unchanged}"
+    curve = losses(tmp_path / "out")
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.1, curve
+    assert summary["tokens_per_s"] > 0 and summary["rows_used"] == 40 and summary["peak_rss_mib"] > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lora_sft_writes_an_adapter_that_peft_loads(arch, tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    sft(tiny_model(arch), out, "--max-steps", 15, "--lora", "--lora-r", 4, "--lr", "1e-2")
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+    curve = losses(out)
+    assert curve[-1] < curve[0]
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model(arch)))
+    peft_model = PeftModel.from_pretrained(base, str(out))
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "LoRA B matrices still zero: nothing trained"
+
+
+def test_hc3_lora_then_merge_gives_a_plain_model_that_generates(tiny_model, tmp_path, cli):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, merged = tmp_path / "sft", tmp_path / "merged"
+    result = cli("sft", "--model", tiny_model("qwen2"), "--data", SAMPLES / "hc3_zh.jsonl", "--lora",
+                 "--max-steps", 5, "--out", out, "--progress", "false")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "summary.json").read_text())["rows_used"] == 20
+    result = cli("merge", "--adapter", out, "--out", merged)
+    assert result.returncode == 0, result.stderr
+    assert not (merged / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(str(merged))
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    ids = tokenizer("法国的首都", return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == ids["input_ids"].shape[1] + 5 or generated.shape[1] > ids["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(lora, tiny_model, tmp_path):
+    extra = ["--max-steps", 10, "--lora-dropout", 0.1, "--lora" if lora else "--no-lora"]
+    sft(tiny_model("llama"), tmp_path / "a", *extra)
+    sft(tiny_model("llama"), tmp_path / "b", *extra, "--save-every", 4)
+    full = losses(tmp_path / "b")
+    ckpt = tmp_path / "b" / "checkpoints" / "step-8"
+    assert ckpt.exists()
+    sft(tiny_model("llama"), tmp_path / "b", *extra, "--resume", ckpt)
+    assert losses(tmp_path / "a") == full == losses(tmp_path / "b")
+    rows = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 11)), "resumed log must read like one run"
+
+
+def test_grad_accumulation_matches_one_big_batch(tiny_model, tmp_path):
+    common = ["--max-steps", 3, "--group-by-length", "false", "--max-grad-norm", 0]
+    sft(tiny_model("llama"), tmp_path / "big", *common, "--batch-size", 8, "--grad-accum", 1)
+    sft(tiny_model("llama"), tmp_path / "acc", *common, "--batch-size", 2, "--grad-accum", 4)
+    big, acc = load_file(tmp_path / "big" / "model.safetensors"), load_file(tmp_path / "acc" / "model.safetensors")
+    for key in big:
+        torch.testing.assert_close(big[key], acc[key], atol=2e-5, rtol=1e-4)
+    assert losses(tmp_path / "big") == pytest.approx(losses(tmp_path / "acc"), rel=1e-5)
+
+
+def test_killed_mid_training_keeps_a_usable_checkpoint_and_resumes(tiny_model, tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "rlhflab.cli", "sft", "--model", str(tiny_model("llama")), "--data", str(DATA),
+            "--out", str(out), "--max-steps", 100000, "--save-every", 5, "--progress", "false", "--lr", "1e-3"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([str(a) for a in args], env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "checkpoints").glob("step-*"))) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoints = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert checkpoints, "no checkpoint was written before the kill"
+    assert not (out / "summary.json").exists()
+    last = checkpoints[-1]
+    assert (last / "trainer_state.json").exists() and (last / "model.safetensors").exists()
+    step = json.loads((last / "trainer_state.json").read_text())["step"]
+    code = main(["sft", "--model", str(tiny_model("llama")), "--data", str(DATA), "--out", str(out),
+                 "--max-steps", str(step + 3), "--resume", "auto", "--progress", "false", "--lr", "1e-3"])
+    assert code == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == step + 3
+
+
+def test_non_finite_loss_stops_with_the_step_named(tiny_model, tmp_path, cli):
+    result = cli("sft", "--model", tiny_model("llama"), "--data", DATA, "--out", tmp_path / "nan",
+                 "--lr", "1e30", "--max-steps", 50, "--max-grad-norm", 0, "--progress", "false")
+    assert result.returncode == 3, result.stderr
+    assert "at step" in result.stderr and "not finite" not in result.stdout
+    assert not (tmp_path / "nan" / "summary.json").exists()
