@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("rlhflab.config:SFTConfig", "rlhflab.stages.sft:run", "supervised fine-tuning (InstructGPT step 1)"),
     "pretrain": ("rlhflab.config:PretrainConfig", "rlhflab.stages.pretrain:run", "next-token pretraining on raw text"),
     "merge": ("rlhflab.config:MergeConfig", "rlhflab.models.loading:merge_command", "merge a LoRA adapter into its base"),
+    "rm": ("rlhflab.stages.rm:RMConfig", "rlhflab.stages.rm:run", "reward model from preference pairs or K-way rankings"),
+    "rm score": ("rlhflab.stages.rm:ScoreConfig", "rlhflab.stages.rm:score_command", "score a file of prompts and responses"),
+    "rm audit": ("rlhflab.stages.rm_audit:AuditConfig", "rlhflab.stages.rm_audit:run", "check a reward model for reward hacks"),
+    "dpo": ("rlhflab.stages.dpo:DPOConfig", "rlhflab.stages.dpo:run", "direct preference optimisation (no reward model)"),
 }
 
 
