@@ -251,3 +251,40 @@ def save(config, path: Path) -> None:
     from rlhflab.runs import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """Train a byte-level BPE tokenizer (with pad, EOS and chat markers) on text files."""
+
+    stage = "tokenizer"
+    corpus: str | None = opt(None, "comma-separated .txt/.jsonl files to learn from")
+    vocab_size: int = opt(4096, "vocabulary size, special tokens included")
+    out: str | None = opt(None, "output directory (loadable with AutoTokenizer.from_pretrained)")
+    text_field: str = opt("text", "field holding the text in .jsonl input")
+
+
+@dataclass
+class WorldExportConfig:
+    """Write the toy world's data files (corpus, SFT, preferences, prompts, held-out prompts)."""
+
+    stage = "world"
+    out: str | None = opt(None, "output directory")
+    seed: int = opt(0, "world seed: the same seed writes the same files")
+    size: str = opt("default", "how much data", ("small", "default"))
+
+
+@dataclass
+class JudgeConfig:
+    """Score responses with the toy world's gold judge (a file of responses, or a model's answers)."""
+
+    stage = "judge"
+    responses: str | None = opt(None, "JSONL of {messages, response[, meta]} to score")
+    model: str | None = opt(None, "model directory (or adapter) to generate answers with")
+    prompts: str | None = opt(None, "prompts JSONL (e.g. eval_prompts.jsonl) for --model")
+    max_new_tokens: int = opt(64, "longest answer generated per prompt")
+    batch_size: int = opt(32, "prompts generated at once")
+    out: str | None = opt(None, "write the scored responses here (JSONL)")
+    trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
+    device: str = opt("auto", "where to run", ("auto", "cpu", "cuda"))
+    dtype: str = opt("auto", "weights dtype", ("auto", "fp32", "bf16", "fp16"))

@@ -59,12 +59,12 @@ def adapter_base(path: str | Path) -> str:
     return base
 
 
-def _check_source(name: str, option: str) -> None:
+def _check_source(name: str, option: str, marker: str = "config.json") -> None:
     """A path that does not exist is an error here; a hub id is left to the hub to answer."""
     p = Path(name)
     if p.exists():
-        if p.is_dir() and not ((p / "config.json").exists() or is_adapter_dir(p)):
-            raise UsageError(f"{option} {name}: the directory has no config.json or adapter_config.json")
+        if p.is_dir() and not ((p / marker).exists() or is_adapter_dir(p)):
+            raise UsageError(f"{option} {name}: the directory has no {marker} or adapter_config.json")
         return
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith((".json", ".safetensors"))
     if looks_like_path:
@@ -74,7 +74,7 @@ def _check_source(name: str, option: str) -> None:
 def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: str = "auto"):
     from transformers import AutoTokenizer
 
-    _check_source(name, "--tokenizer")
+    _check_source(name, "--tokenizer", marker="tokenizer_config.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as exc:

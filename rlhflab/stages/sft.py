@@ -97,7 +97,25 @@ def run(config) -> dict:
     if not train:
         raise UsageError(f"--data {config.data}: no row has assistant tokens within --max-length {config.max_length}")
 
-    # Build.
+    trained = train_next_token(config, setup, model, tokenizer, train, held_out)
+
+    # Save.
+    if setup.accelerator.is_main_process:
+        save_model(trained.pop("model"), tokenizer, setup.out, base_name)
+    summary = {
+        "stage": "sft", **trained, "rows_read": stats.rows_read, "rows_used": stats.rows_used,
+        "rows_skipped": stats.rows_skipped, "examples_train": len(train), "examples_eval": len(held_out),
+        **encode_stats, **count_parameters(model), "lora": config.lora,
+        "dtype": str(setup.placement.dtype).replace("torch.", ""),
+    }
+    return common.finish(setup, summary)
+
+
+def train_next_token(config, setup, model, tokenizer, train: list[dict], held_out: list[dict]) -> dict:
+    """The next-token training loop shared by SFT and pretraining (examples: input_ids + labels).
+
+    Returns the loop's figures and, under "model", the unwrapped trained model.
+    """
     steps = common.total_steps(config, len(train))
     optimizer = common.make_optimizer(model, config)
     scheduler = common.make_scheduler(optimizer, config, steps)
@@ -117,7 +135,7 @@ def run(config) -> dict:
     model.train()
     timer, train_time = runs.Timer(), 0.0
     loss_value = float("nan")
-    bar = common.progress(steps, step, "sft", config.progress and accelerator.is_main_process)
+    bar = common.progress(steps, step, config.stage, config.progress and accelerator.is_main_process)
     while step < steps:
         started = time.perf_counter()
         micro = [collate([train[i] for i in common.shard(order.next(), accelerator)], pad_id, device)
@@ -153,16 +171,7 @@ def run(config) -> dict:
             last_checkpoint = common.save_checkpoint(setup, config, step, order, {"tokens": tokens})
     bar.close()
 
-    # Save.
     eval_loss = evaluate(model, held_out, pad_id, device, config.batch_size) if held_out else None
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, setup.out, base_name)
-    summary = {
-        "stage": "sft", "steps": step, "final_loss": loss_value, "eval_loss": eval_loss,
-        "tokens_per_s": tokens / max(train_time, 1e-9), "train_tokens": tokens, "wall_time_s": timer.elapsed,
-        "train_time_s": train_time, "rows_read": stats.rows_read, "rows_used": stats.rows_used,
-        "rows_skipped": stats.rows_skipped, "examples_train": len(train), "examples_eval": len(held_out),
-        **encode_stats, **count_parameters(model), "lora": config.lora, "device": str(device),
-        "dtype": str(setup.placement.dtype).replace("torch.", ""),
-    }
-    return common.finish(setup, summary)
+    return {"model": accelerator.unwrap_model(model), "steps": step, "final_loss": loss_value,
+            "eval_loss": eval_loss, "tokens_per_s": tokens / max(train_time, 1e-9), "train_tokens": tokens,
+            "wall_time_s": timer.elapsed, "train_time_s": train_time, "device": str(device)}

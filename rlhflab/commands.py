@@ -1,0 +1,89 @@
+"""Small commands that are not training stages: tokenizer training, world export, the gold judge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlhflab.errors import UsageError
+
+
+def tokenizer_train(config) -> int:
+    """`rlhflab tokenizer train --corpus a.txt[,b.jsonl] --vocab-size N --out DIR`."""
+    from rlhflab.data.formats import iter_raw_rows
+    from rlhflab.models.tokenizer import train_tokenizer
+
+    if not config.corpus or not config.out:
+        raise UsageError("give --corpus (text files) and --out (the tokenizer directory)")
+    if config.vocab_size < 300:
+        raise UsageError(f"--vocab-size: at least 300 (256 bytes + special tokens + merges), got {config.vocab_size}")
+    texts = []
+    for source in config.corpus.split(","):
+        for where, row in iter_raw_rows(source.strip()):
+            if isinstance(row, dict) and isinstance(row.get(config.text_field), str):
+                texts.append(row[config.text_field])
+            elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+                texts += [m.get("content", "") for m in row["messages"] if isinstance(m, dict)]
+            else:
+                raise UsageError(f"{where}: no {config.text_field!r} text field (or messages) to learn from")
+    if not texts:
+        raise UsageError(f"--corpus {config.corpus}: no text found")
+    tokenizer = train_tokenizer(texts + ["user", "assistant", "system"], config.vocab_size, config.out)
+    print(f"tokenizer with {len(tokenizer)} tokens written to {config.out}")
+    return 0
+
+
+def world_export(config) -> int:
+    """`rlhflab world export --out DIR [--seed S] [--size small|default]`."""
+    from rlhflab.world import export
+
+    if not config.out:
+        raise UsageError("give --out (the directory to write the world's files into)")
+    result = export(config.out, seed=config.seed, size=config.size)
+    for name, info in result.items():
+        print(f"{name}: {info}")
+    return 0
+
+
+def load_prompts(path: str) -> list:
+    from rlhflab.data.formats import load_records
+
+    records, _ = load_records(path, "prompts", option="--prompts")
+    return records
+
+
+def judge(config) -> int:
+    """Score a file of responses, or generate with --model on --prompts and score those."""
+    from rlhflab.world import format_table, judge_file
+
+    if bool(config.responses) == bool(config.model):
+        raise UsageError("give either --responses FILE, or --model M with --prompts P")
+    if config.responses:
+        result = judge_file(config.responses)
+    else:
+        if not config.prompts:
+            raise UsageError("--model needs --prompts (e.g. eval_prompts.jsonl from `rlhflab world export`)")
+        rows = generate_answers(config.model, load_prompts(config.prompts), config)
+        out = Path(config.out) if config.out else Path(config.model) / "judge_responses.jsonl"
+        from rlhflab.runs import atomic_write_text
+
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        result = judge_file(str(out))
+        print(f"responses written to {out}")
+    print(format_table(result))
+    return 0
+
+
+def generate_answers(model_name: str, records: list, config) -> list[dict]:
+    """Greedy answers of a model (or adapter) to prompt records, as {messages, response, meta} rows."""
+    from rlhflab.engine import SamplingParams, generate_text
+    from rlhflab.data.template import stop_token_ids
+    from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokenizer
+
+    placement = choose_placement(config.device, config.dtype)
+    model = load_causal_lm(model_name, placement, config.trust_remote_code)
+    tokenizer = load_tokenizer(model_name, config.trust_remote_code)
+    params = SamplingParams(max_new_tokens=config.max_new_tokens, do_sample=False,
+                            stop_token_ids=tuple(stop_token_ids(tokenizer)))
+    out = generate_text(model, tokenizer, [r.messages for r in records], params, batch_size=config.batch_size)
+    return [{"messages": r.messages, "response": text, "meta": r.meta} for r, text in zip(records, out.texts)]
