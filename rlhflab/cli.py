@@ -17,6 +17,7 @@ from rlhflab.errors import NonFiniteError, UsageError
 
 # command -> (config class path, function path, one-line description)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "quickstart": ("rlhflab.quickstart:QuickstartConfig", "rlhflab.quickstart:run", "the whole recipe on the toy world"),
     "sft": ("rlhflab.config:SFTConfig", "rlhflab.stages.sft:run", "supervised fine-tuning (InstructGPT step 1)"),
     "pretrain": ("rlhflab.config:PretrainConfig", "rlhflab.stages.pretrain:run", "next-token pretraining on raw text"),
     "merge": ("rlhflab.config:MergeConfig", "rlhflab.models.loading:merge_command", "merge a LoRA adapter into its base"),

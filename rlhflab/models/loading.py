@@ -108,7 +108,7 @@ def build_fresh(init_config: str, tokenizer, seed: int = 0):
 
 
 def load_causal_lm(name: str, placement: Placement, trust_remote_code: bool = False, train_full: bool = False,
-                   option: str = "--model"):
+                   option: str = "--model", quantize_4bit: bool = False):
     """A causal LM from a local directory or hub id. Adapter directories are merged into their base."""
     from transformers import AutoModelForCausalLM
 
@@ -119,12 +119,24 @@ def load_causal_lm(name: str, placement: Placement, trust_remote_code: bool = Fa
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base, name).merge_and_unload()
+    extra = {}
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        # QLoRA (Dettmers et al. 2023): NF4 weights, double quantisation, bf16 compute.
+        extra = {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=placement.dtype), "device_map": {"": placement.device.index or 0}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            name, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **extra
         )
     except (OSError, ValueError) as exc:
         raise UsageError(f"{option} {name}: cannot load the model: {exc}") from None
+    if quantize_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model.to(placement.device)
 
 
@@ -177,7 +189,10 @@ def load_for_training(config, placement: Placement):
         model = build_fresh(config.init_config, tokenizer, config.seed).to(placement.device)
         base_name = None
     else:
-        model = load_causal_lm(config.model, placement, config.trust_remote_code, train_full)
+        if config.qlora and is_adapter_dir(config.model):
+            raise UsageError("--qlora needs a plain base model directory, not an adapter")
+        model = load_causal_lm(config.model, placement, config.trust_remote_code, train_full,
+                               quantize_4bit=config.qlora)
         base_name = adapter_base(config.model) if is_adapter_dir(config.model) else config.model
         if is_adapter_dir(config.model) and not train_full:
             # A new adapter on a merged one would need the merged weights saved as its base.
@@ -200,7 +215,6 @@ def raise_unless_qlora_possible() -> None:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise UsageError("--qlora needs the bitsandbytes package: pip install bitsandbytes") from None
-    raise UsageError("--qlora: 4-bit loading is not wired into this version yet; use --lora")
 
 
 def save_model(model, tokenizer, out: Path, base_name: str | None = None) -> None:

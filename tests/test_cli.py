@@ -1,0 +1,78 @@
+"""The command line as a user meets it: help, typos, bad values, bad files, exit codes."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhflab import config as cfg
+from rlhflab.cli import COMMANDS, main, parse
+from rlhflab.errors import UsageError
+
+from conftest import SAMPLES
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sft", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for f in cfg.fields_of(cfg.SFTConfig):
+        assert "--" + f.name.replace("_", "-") in text
+    assert "(default: 0.0002)" in text and "(default: all-linear)" in text
+
+
+def test_unknown_option_suggests_the_closest():
+    with pytest.raises(UsageError, match=r"unknown option --lerning-rate|did you mean"):
+        parse("sft", ["--lerning-rate", "1"])
+    with pytest.raises(UsageError, match="did you mean '--lora-r'"):
+        parse("sft", ["--lora-rr", "4"])
+
+
+def test_bad_values_name_the_option_and_allowed_values():
+    with pytest.raises(UsageError, match=r"--scheduler: 'cosin' is not one of: cosine, linear, constant"):
+        parse("sft", ["--scheduler", "cosin"])
+    with pytest.raises(UsageError, match=r"--batch-size \(on the command line\): expected int, got 'eight'"):
+        parse("sft", ["--batch-size", "eight"])
+    with pytest.raises(UsageError, match="--batch-size: must be at least 1"):
+        parse("sft", ["--batch-size", "0"])
+
+
+def test_yaml_then_cli_override_and_unknown_yaml_key(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("lr: 0.001\nbatch-size: 4\nlora: true\n")
+    config = parse("sft", ["--config", str(good), "--batch-size", "2"])
+    assert (config.lr, config.batch_size, config.lora) == (0.001, 2, True)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 0.001\nwarmup_ration: 0.1\n")
+    with pytest.raises(UsageError, match=r"bad.yaml: unknown key 'warmup_ration'.*did you mean 'warmup_ratio'"):
+        parse("sft", ["--config", str(bad)])
+
+
+def test_every_command_parses_its_defaults():
+    for command in COMMANDS:
+        try:
+            parse(command, [])
+        except ModuleNotFoundError:
+            pytest.fail(f"`rlhflab {command}` points at a module that does not exist")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/no/such/model", "--data", SAMPLES / "sft_messages.jsonl"], "/no/such/model: no such directory"),
+    (["--model", "MODEL", "--data", "/no/such/data.jsonl"], "data file not found: /no/such/data.jsonl"),
+    (["--model", "MODEL", "--data", SAMPLES / "pairs.jsonl"], "looks like 'pairs' data"),
+    (["--model", "MODEL", "--data", SAMPLES / "sft_messages.jsonl", "--optimiser", "adam"], "unknown option --optimiser"),
+    (["--model", "MODEL", "--data", SAMPLES / "sft_messages.jsonl", "--qlora"], "needs CUDA"),
+    (["--model", "MODEL", "--data", SAMPLES / "sft_messages.jsonl", "--device", "cuda"], "no CUDA device"),
+])
+def test_bad_input_through_the_cli_exits_2_and_writes_nothing(args, message, cli, tiny_model, tmp_path):
+    args = [tiny_model("llama") if a == "MODEL" else a for a in args]
+    out = tmp_path / "out"
+    result = cli("sft", *args, "--out", out)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists(), "a failed start must leave no output behind"
+
+
+def test_unknown_command(capsys):
+    assert main(["sfft"]) == 2
+    assert "did you mean 'sft'" in capsys.readouterr().err
