@@ -24,10 +24,6 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tokenizer train": ("rlhflab.config:TokenizerTrainConfig", "rlhflab.commands:tokenizer_train", "train a byte-level BPE tokenizer"),
     "world export": ("rlhflab.config:WorldExportConfig", "rlhflab.commands:world_export", "write the toy world's data files"),
     "judge": ("rlhflab.config:JudgeConfig", "rlhflab.commands:judge", "score answers with the toy world's gold judge"),
-    "rm": ("rlhflab.stages.rm:RMConfig", "rlhflab.stages.rm:run", "reward model from preference pairs or K-way rankings"),
-    "rm score": ("rlhflab.stages.rm:ScoreConfig", "rlhflab.stages.rm:score_command", "score a file of prompts and responses"),
-    "rm audit": ("rlhflab.stages.rm_audit:AuditConfig", "rlhflab.stages.rm_audit:run", "check a reward model for reward hacks"),
-    "dpo": ("rlhflab.stages.dpo:DPOConfig", "rlhflab.stages.dpo:run", "direct preference optimisation (no reward model)"),
 }
 
 

@@ -224,11 +224,16 @@ def save_model(model, tokenizer, out: Path, base_name: str | None = None) -> Non
     unwrapped.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     if base_name is not None and is_adapter_dir(out):
-        path = out / "adapter_config.json"
-        adapter = json.loads(path.read_text(encoding="utf-8"))
-        base = Path(base_name)
-        adapter["base_model_name_or_path"] = str(base.resolve()) if base.exists() else base_name
-        path.write_text(json.dumps(adapter, indent=2), encoding="utf-8")
+        record_adapter_base(out, base_name)
+
+
+def record_adapter_base(out: Path, base_name: str) -> None:
+    """Point an adapter at its base by absolute path, so it loads from any working directory."""
+    path = out / "adapter_config.json"
+    adapter = json.loads(path.read_text(encoding="utf-8"))
+    base = Path(base_name)
+    adapter["base_model_name_or_path"] = str(base.resolve()) if base.exists() else base_name
+    path.write_text(json.dumps(adapter, indent=2), encoding="utf-8")
 
 
 def merge_command(config) -> int:
