@@ -48,13 +48,16 @@ def pack(docs: list[str], tokenizer, block: int) -> list[dict]:
 
 @torch.no_grad()
 def greedy_samples(model, tokenizer, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 24) -> list[dict]:
-    from rlhflab.engine import SamplingParams, generate
-
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=False,
-                            stop_token_ids=(tokenizer.eos_token_id,))
-    out = generate(model, tokenizer, ids, params)
-    return [{"prompt": p, "continuation": t} for p, t in zip(prompts, out.texts)]
+    was_training = model.training
+    model.eval()
+    samples = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        samples.append({"prompt": prompt, "continuation": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+    model.train(was_training)
+    return samples
 
 
 def run(config) -> dict:
