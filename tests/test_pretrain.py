@@ -31,6 +31,16 @@ def test_world_tokenizer_pretrain_then_sft(cli, tmp_path):
                  "--progress", "false")
     assert result.returncode == 0, result.stderr
 
+    answers = tmp_path / "answers.jsonl"
+    result = cli("judge", "--model", sft, "--prompts", world / "eval_prompts.jsonl", "--out", answers,
+                 "--max-new-tokens", 8)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert len(rows) == 50 and all({"messages", "response", "meta"} <= set(r) for r in rows)
+    assert "score" in result.stdout and "language" in result.stdout
+    again = cli("judge", "--responses", answers)
+    assert again.returncode == 0 and again.stdout.split("score")[1].split()[0] == result.stdout.split("score")[1].split()[0]
+
 
 def test_pretrain_needs_exactly_one_model_source(cli, tmp_path):
     result = cli("pretrain", "--data", tmp_path / "x.txt", "--out", tmp_path / "o")
