@@ -76,31 +76,14 @@ def judge(config) -> int:
 
 def generate_answers(model_name: str, records: list, config) -> list[dict]:
     """Greedy answers of a model (or adapter) to prompt records, as {messages, response, meta} rows."""
-    import torch
-
-    from rlhflab.data.template import encode_prompt, stop_token_ids
+    from rlhflab.data.template import stop_token_ids
+    from rlhflab.engine import SamplingParams, generate_text
     from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokenizer
-    from rlhflab.stages.common import progress
 
     placement = choose_placement(config.device, config.dtype)
     model = load_causal_lm(model_name, placement, config.trust_remote_code).eval()
     tokenizer = load_tokenizer(model_name, config.trust_remote_code)
-    stops, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
-    rows = []
-    bar = progress(len(records), 0, "generate", True)
-    for start in range(0, len(records), config.batch_size):
-        chunk = records[start:start + config.batch_size]
-        prompts = [encode_prompt(tokenizer, r.messages) for r in chunk]
-        width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=placement.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=placement.device)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=config.max_new_tokens,
-                                 do_sample=False, eos_token_id=stops, pad_token_id=pad)
-        for record, tokens in zip(chunk, out[:, width:].tolist()):
-            cut = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
-            rows.append({"messages": record.messages, "response": tokenizer.decode(tokens[:cut], skip_special_tokens=True),
-                         "meta": record.meta})
-        bar.update(len(chunk))
-    bar.close()
-    return rows
+    params = SamplingParams(max_new_tokens=config.max_new_tokens, do_sample=False,
+                            stop_token_ids=tuple(stop_token_ids(tokenizer)))
+    out = generate_text(model, tokenizer, [r.messages for r in records], params, batch_size=config.batch_size)
+    return [{"messages": r.messages, "response": text, "meta": r.meta} for r, text in zip(records, out.texts)]
