@@ -23,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "merge": ("rlhflab.config:MergeConfig", "rlhflab.models.loading:merge_command", "merge a LoRA adapter into its base"),
     "tokenizer train": ("rlhflab.config:TokenizerTrainConfig", "rlhflab.commands:tokenizer_train", "train a byte-level BPE tokenizer"),
     "world export": ("rlhflab.config:WorldExportConfig", "rlhflab.commands:world_export", "write the toy world's data files"),
+    "rm": ("rlhflab.stages.rm:RMConfig", "rlhflab.stages.rm:run", "reward model from preference pairs or K-way rankings"),
+    "rm score": ("rlhflab.stages.rm_audit:ScoreConfig", "rlhflab.stages.rm_audit:score_command", "score a file of responses with a reward model"),
+    "rm audit": ("rlhflab.stages.rm_audit:AuditConfig", "rlhflab.stages.rm_audit:run", "check a reward model for reward hacks"),
     "judge": ("rlhflab.config:JudgeConfig", "rlhflab.commands:judge", "score answers with the toy world's gold judge"),
 }
 

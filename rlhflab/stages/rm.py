@@ -1,0 +1,243 @@
+"""Reward modelling (InstructGPT step 2): a scalar score head on the last real token.
+
+The model starts from the SFT model, as InstructGPT does. With --lora and an SFT adapter, the
+reward adapter starts from the SFT adapter's weights on the same base, so PPO can later hold
+policy, reference, critic and reward on ONE copy of the base. `--loss ranking` scores all K
+responses of a prompt in one forward batch and uses every one of its K-choose-2 comparisons.
+
+Saved: the HF model files or the peft adapter, plus `score_head.safetensors` and
+`reward_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhflab import losses, runs
+from rlhflab.config import DataOptions, ModelOptions, TrainOptions, opt
+from rlhflab.data.formats import load_records
+from rlhflab.data.template import encode_chat
+from rlhflab.errors import UsageError
+from rlhflab.stages import common
+
+
+@dataclass
+class RMConfig(ModelOptions, DataOptions, TrainOptions):
+    """Train a reward model on preference pairs or K-way rankings."""
+
+    stage = "rm"
+    loss: str = opt("pairwise", "pairwise (Bradley-Terry on pairs) or ranking (InstructGPT K-way, one batch per prompt)",
+                    ("pairwise", "ranking"))
+    margin: float = opt(0.0, "Bradley-Terry margin subtracted from r_chosen - r_rejected")
+    center_coef: float = opt(0.0, "weight of the term that keeps scores near zero mean")
+    harden: bool = opt(False, "add degenerate answers (empty, repeated, filler ...) as extra rejected responses")
+    batch_size: int = opt(8, "pairs (pairwise) or prompts (ranking) per micro-batch")
+    lr: float = opt(1e-4, "peak learning rate")
+    max_length: int = opt(256, "longest prompt + response in tokens (longer ones keep their start)")
+
+
+class RewardModel(nn.Module):
+    """Transformer body (from a causal LM, possibly LoRA-wrapped) + a linear score head."""
+
+    def __init__(self, lm, hidden_size: int):
+        super().__init__()
+        self.lm = lm
+        self.score_head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.score_head.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(self.score_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) scores read at the last real token of each row (left or right padding)."""
+        from rlhflab.stages.rl_roles import hidden_states
+
+        hidden = hidden_states(self.lm, input_ids, attention_mask)                  # (B, T, H)
+        last = last_token_index(attention_mask)
+        return self.score_head(hidden[torch.arange(hidden.shape[0]), last].float()).squeeze(-1)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) position of the last real token; works for left and right padding, never a pad."""
+    width = attention_mask.shape[1]
+    last = width - 1 - attention_mask.long().flip(-1).argmax(-1)
+    if not bool(attention_mask.gather(1, last[:, None]).all()):
+        raise AssertionError("a row has no real token: the score would be read at a pad position")
+    return last
+
+
+def encode_pair_rows(records, tokenizer, max_length: int, harden: bool) -> tuple[list[dict], int]:
+    """Each record -> {"seqs": [ids best first], "gold": [...] or None}; returns (rows, truncated)."""
+    from rlhflab.stages.rm_audit import degenerate_answers
+
+    rows, truncated = [], 0
+    for record in records:
+        responses = list(record.responses)
+        if harden:
+            responses += list(degenerate_answers(record.messages, tokenizer).values())
+        seqs = []
+        for response in responses:
+            enc = encode_chat(tokenizer, record.messages + [{"role": "assistant", "content": response}], max_length)
+            truncated += enc.truncated
+            seqs.append(enc.input_ids)
+        gold = record.meta.get("gold_scores")
+        rows.append({"seqs": seqs, "n_real": len(record.responses), "gold": gold})
+    return rows, truncated
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def as_pairs(rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """Every (better, worse) pair of every row: rankings expand to K-choose-2, hardening adds (best, bad)."""
+    pairs = []
+    for row in rows:
+        seqs, n = row["seqs"], row["n_real"]
+        pairs += [(seqs[i], seqs[j]) for i in range(n) for j in range(i + 1, n)]
+        pairs += [(seqs[0], bad) for bad in seqs[n:]]
+    return pairs
+
+
+def batch_loss(model, items, config, pad_id, device):
+    """Loss and metrics of one micro-batch (pairs, or rows for the ranking loss)."""
+    if config.loss == "pairwise":
+        ids, mask = pad_right([s for pair in items for s in pair], pad_id, device)
+        scores = model(ids, mask).view(-1, 2)
+        return losses.bradley_terry_loss(scores[:, 0], scores[:, 1], margin=config.margin or None,
+                                         center_coef=config.center_coef)
+    # Ranking: all K responses of each prompt in one forward batch; hardening adds worse-than-all answers.
+    width = max(len(r["seqs"]) for r in items)
+    ids, mask = pad_right([s for r in items for s in r["seqs"]], pad_id, device)
+    flat = model(ids, mask)
+    scores = torch.zeros(len(items), width, device=device)
+    valid = torch.zeros(len(items), width, dtype=torch.bool, device=device)
+    start = 0
+    for i, r in enumerate(items):
+        k = len(r["seqs"])
+        scores[i, :k], valid[i, :k] = flat[start:start + k], True
+        start += k
+    loss, metrics = losses.ranking_loss(scores, valid)
+    if config.center_coef:
+        loss = loss + config.center_coef * (flat ** 2).mean()
+    return loss, metrics
+
+
+@torch.no_grad()
+def evaluate(model, rows, pad_id, device, batch_size: int = 16) -> dict:
+    """Pairwise accuracy against the labels, against the clean gold order (toy world), mean margin, ECE."""
+    model.eval()
+    correct = gold_correct = gold_total = 0
+    margins, probs, labels = [], [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        ids, mask = pad_right([s for r in chunk for s in r["seqs"][:r["n_real"]]], pad_id, device)
+        flat = model(ids, mask).tolist()
+        offset = 0
+        for r in chunk:
+            n = r["n_real"]
+            s = flat[offset:offset + n]
+            offset += n
+            for i in range(n):
+                for j in range(i + 1, n):
+                    gap = s[i] - s[j]
+                    margins.append(gap)
+                    correct += gap > 0
+                    probs.append(1 / (1 + math.exp(-gap)))
+                    labels.append(1.0)
+                    if r["gold"] and r["gold"][i] != r["gold"][j]:
+                        gold_total += 1
+                        gold_correct += (gap > 0) == (r["gold"][i] > r["gold"][j])
+    model.train()
+    out = {"eval_accuracy": correct / max(len(margins), 1), "eval_margin": sum(margins) / max(len(margins), 1),
+           "eval_ece": losses.expected_calibration_error(torch.tensor(probs), torch.tensor(labels)),
+           "eval_pairs": len(margins)}
+    if gold_total:
+        out["eval_gold_accuracy"] = gold_correct / gold_total
+    return out
+
+
+def run(config: RMConfig) -> dict:
+    from rlhflab.stages.rm_model import build_reward_model, save_reward_model
+
+    # Load.
+    if not config.data:
+        raise UsageError("give --data (preference pairs or rankings)")
+    records, stats = load_records(config.data, "preference", config.format, config.skip_bad_rows, config.max_rows)
+    if config.eval_data:
+        eval_records, _ = load_records(config.eval_data, "preference", config.format, option="--eval-data")
+    else:
+        n_eval = max(1, int(len(records) * config.eval_fraction)) if len(records) > 1 else 0
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        eval_records, records = [records[i] for i in order[:n_eval]], [records[i] for i in order[n_eval:]]
+    setup = common.prepare_stage(config)
+    model, tokenizer, info = build_reward_model(config, setup.placement)
+    train_rows, truncated = encode_pair_rows(records, tokenizer, config.max_length, config.harden)
+    eval_rows, _ = encode_pair_rows(eval_records, tokenizer, config.max_length, harden=False)
+    items = as_pairs(train_rows) if config.loss == "pairwise" else train_rows
+
+    # Build.
+    steps = common.total_steps(config, len(items))
+    optimizer = common.make_optimizer(model, config)
+    scheduler = common.make_scheduler(optimizer, config, steps)
+    accelerator = setup.accelerator
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if config.lora:
+        common.checkpoint_trainable_only(accelerator)
+    order = common.BatchOrder([1] * len(items), config.batch_size, config.seed, group_by_length=False)
+    metrics_log = common.start_outputs(setup, config)
+    step = common.restore_checkpoint(setup, order, strict=not config.lora) if setup.resume_from else 0
+    pad_id, device = tokenizer.pad_token_id, accelerator.device
+
+    # Loop.
+    timer, train_time, seen_pairs = runs.Timer(), 0.0, 0
+    model.train()
+    bar = common.progress(steps, step, "rm", config.progress and accelerator.is_main_process)
+    last_checkpoint, row = setup.resume_from, {}
+    while step < steps:
+        started = time.perf_counter()
+        for _ in range(config.grad_accum):
+            batch = [items[i] for i in common.shard(order.next(), accelerator)]
+            loss, row = batch_loss(model, batch, config, pad_id, device)
+            common.check_finite(loss, "the reward-model loss", step + 1, last_checkpoint)
+            accelerator.backward(loss / config.grad_accum)
+            seen_pairs += len(batch) if config.loss == "pairwise" else int(row["pairs"])
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        train_time += time.perf_counter() - started
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
+        if step % config.log_every == 0 or step == steps:
+            metrics_log.log(step, {**row, "lr": scheduler.get_last_lr()[0], "pairs_per_s": seen_pairs / train_time})
+        if config.eval_every and step % config.eval_every == 0 and eval_rows:
+            metrics_log.log(step, evaluate(accelerator.unwrap_model(model), eval_rows, pad_id, device))
+        if config.save_every and step % config.save_every == 0 and step < steps:
+            last_checkpoint = common.save_checkpoint(setup, config, step, order)
+    bar.close()
+
+    # Save.
+    unwrapped = accelerator.unwrap_model(model)
+    figures = evaluate(unwrapped, eval_rows, pad_id, device) if eval_rows else {}
+    if accelerator.is_main_process:
+        save_reward_model(unwrapped, tokenizer, setup.out, info)
+    summary = {"stage": "rm", "loss_type": config.loss, "steps": step, "final_loss": row.get("loss"),
+               "final_train_accuracy": row.get("accuracy"), **figures, "pairs_per_s": seen_pairs / max(train_time, 1e-9),
+               "train_pairs": seen_pairs, "train_time_s": train_time, "wall_time_s": timer.elapsed,
+               "rows_read": stats.rows_read, "rows_used": stats.rows_used, "rows_skipped": stats.rows_skipped,
+               "rows_truncated": truncated, "harden": config.harden, "lora": config.lora}
+    return common.finish(setup, summary)

@@ -1,0 +1,90 @@
+"""Building, saving and loading reward models (body + score head), in LoRA or full mode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rlhflab.errors import UsageError
+
+from rlhflab.models.loading import (adapter_base, apply_lora, is_adapter_dir, load_causal_lm, load_tokenizer,
+                                    record_adapter_base, resize_for_tokenizer)
+from rlhflab.stages.rm import RewardModel
+
+
+def build_reward_model(config, placement):
+    """A trainable reward model from --model. Returns (model, tokenizer, info)."""
+    from peft import PeftModel
+
+    if config.model is None:
+        raise UsageError("give --model (the SFT model, as InstructGPT starts the RM from it)")
+    tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code, config.chat_template)
+    if config.lora and is_adapter_dir(config.model):
+        # Start from the SFT adapter's weights, on the SFT adapter's base: PPO can then share one base.
+        base_name = adapter_base(config.model)
+        base = load_causal_lm(base_name, placement, config.trust_remote_code)
+        lm = PeftModel.from_pretrained(base, config.model, is_trainable=True)
+    elif config.lora:
+        base_name = config.model
+        base = load_causal_lm(base_name, placement, config.trust_remote_code)
+        resize_for_tokenizer(base, tokenizer)
+        lm = apply_lora(base, config)
+    else:
+        base_name = None
+        lm = load_causal_lm(config.model, placement, config.trust_remote_code, train_full=True)
+        resize_for_tokenizer(lm, tokenizer)
+    hidden = (lm.get_base_model() if hasattr(lm, "get_base_model") else lm).config.hidden_size
+    model = RewardModel(lm, hidden).to(placement.device)
+    return model, tokenizer, {"base": base_name, "lora": bool(config.lora), "hidden_size": hidden}
+
+
+def save_reward_model(model: RewardModel, tokenizer, out: Path, info: dict) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.lm.save_pretrained(str(out), safe_serialization=True)
+    if info["lora"]:
+        record_adapter_base(out, info["base"])
+    tokenizer.save_pretrained(str(out))
+    head = {k: v.detach().float().contiguous().cpu() for k, v in model.score_head.state_dict().items()}
+    save_file(head, str(out / "score_head.safetensors"))
+    (out / "reward_config.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+
+
+def load_reward_model(path: str, placement, trust_remote_code: bool = False):
+    """A frozen reward model and its tokenizer from a directory written by `rlhflab rm`."""
+    from peft import PeftModel
+
+    from rlhflab.errors import UsageError
+    from rlhflab.stages.rl_roles import load_score_head
+
+    if not Path(path).is_dir():
+        raise UsageError(f"--model {path}: no such directory")
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    if is_adapter_dir(path):
+        base = load_causal_lm(adapter_base(path), placement, trust_remote_code)
+        lm = PeftModel.from_pretrained(base, path)
+    else:
+        lm = load_causal_lm(path, placement, trust_remote_code)
+    hidden = (lm.get_base_model() if hasattr(lm, "get_base_model") else lm).config.hidden_size
+    model = RewardModel(lm, hidden)
+    model.score_head = load_score_head(Path(path), hidden, placement.device)
+    model.requires_grad_(False)
+    return model.to(placement.device).eval(), tokenizer
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32, max_length: int = 512) -> list[float]:
+    """Scores of full conversations whose last turn is the assistant's answer."""
+    from rlhflab.data.template import encode_chat
+    from rlhflab.stages.rm import pad_right
+
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(conversations), batch_size):
+        seqs = [encode_chat(tokenizer, c, max_length).input_ids for c in conversations[start:start + batch_size]]
+        ids, mask = pad_right(seqs, tokenizer.pad_token_id, device)
+        out += model(ids, mask).tolist()
+    return out

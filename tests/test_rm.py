@@ -1,0 +1,91 @@
+"""Reward model: last-token reading, both losses, save/load, hardening and the hacking audit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlhflab.cli import main
+from rlhflab.runs import read_metrics
+from rlhflab.stages.rm import last_token_index
+
+from conftest import SAMPLES
+
+
+def test_last_token_index_left_and_right_padding():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
+    assert last_token_index(right).tolist() == [2, 3]
+    assert last_token_index(left).tolist() == [3, 3]
+    with pytest.raises(AssertionError, match="pad position"):
+        last_token_index(torch.tensor([[1, 1], [0, 0]]))
+
+
+def train_rm(model, out, data, *extra):
+    code = main(["rm", "--model", str(model), "--data", str(data), "--out", str(out), "--lr", "5e-3",
+                 "--log-every", "1", "--progress", "false", "--eval-fraction", "0", "--batch-size", "4", *map(str, extra)])
+    assert code == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("loss", ["pairwise", "ranking"])
+def test_accuracy_rises_with_each_loss(loss, tiny_model, tmp_path):
+    data = SAMPLES / "rankings.jsonl"
+    summary = train_rm(tiny_model("llama"), tmp_path / loss, data, "--loss", loss, "--max-steps", 40,
+                       "--eval-data", data, "--eval-every", 2)
+    evals = [r["eval_accuracy"] for r in read_metrics(tmp_path / loss / "metrics.jsonl") if "eval_accuracy" in r]
+    assert summary["eval_accuracy"] > evals[0] + 0.1, evals
+    assert summary["eval_accuracy"] >= 0.8
+
+
+def test_lora_rm_round_trip_and_score_command(tiny_model, tmp_path, cli):
+    from rlhflab.models.loading import choose_placement
+    from rlhflab.stages.rm_model import load_reward_model, score_texts
+
+    out = tmp_path / "rm"
+    train_rm(tiny_model("qwen2"), out, SAMPLES / "pairs.jsonl", "--lora", "--max-steps", 5)
+    assert (out / "adapter_config.json").exists() and (out / "score_head.safetensors").exists()
+    model, tok = load_reward_model(str(out), choose_placement("cpu", "fp32"))
+    convo = [[{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好!"}]]
+    again, _ = load_reward_model(str(out), choose_placement("cpu", "fp32"))
+    assert score_texts(model, tok, convo) == score_texts(again, tok, convo)
+    result = cli("rm", "score", "--model", out, "--data", SAMPLES / "pairs.jsonl", "--out", tmp_path / "s.jsonl")
+    assert result.returncode == 0, result.stderr
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 80
+
+
+def test_harden_adds_degenerate_rejected_answers(tiny_model):
+    from transformers import AutoTokenizer
+
+    from rlhflab.data.formats import load_records
+    from rlhflab.stages.rm import as_pairs, encode_pair_rows
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model("llama")))
+    records, _ = load_records(str(SAMPLES / "pairs.jsonl"), "preference")
+    plain, _ = encode_pair_rows(records[:3], tok, 128, harden=False)
+    hard, _ = encode_pair_rows(records[:3], tok, 128, harden=True)
+    assert len(as_pairs(plain)) == 3 and len(as_pairs(hard)) == 3 * (1 + 9)
+
+
+def test_audit_flags_a_reward_model_that_prefers_short_answers(tiny_model, tmp_path, cli):
+    swapped = tmp_path / "short_wins.jsonl"
+    rows = [json.loads(line) for line in (SAMPLES / "pairs.jsonl").read_text().splitlines()]
+    swapped.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": "好", "rejected": r["chosen"]},
+                                          ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "broken"
+    train_rm(tiny_model("llama"), out, swapped, "--max-steps", 30)
+    result = cli("rm", "audit", "--model", out, "--reference", SAMPLES / "pairs.jsonl", "--strict")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "HACKABLE" in result.stdout and "one_token" in result.stdout
+    report = json.loads((out / "audit.json").read_text())
+    assert report["hackable"] and report["kinds"]["filler"]["share"] > 0.05
+
+
+def test_missing_field_is_named(tmp_path, cli, tiny_model):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
+    result = cli("rm", "--model", tiny_model("llama"), "--data", bad, "--out", tmp_path / "o")
+    assert result.returncode == 2 and f"{bad}:2" in result.stderr and "'rejected'" in result.stderr
+    assert not (tmp_path / "o").exists()
