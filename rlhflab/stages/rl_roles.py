@@ -1,0 +1,304 @@
+"""The four roles of RLHF — policy, reference, critic, reward — and their forward passes.
+
+LoRA mode keeps ONE copy of the base weights (DESIGN decision 2). Every role is a peft adapter
+on it, switched per forward pass:
+    policy     trainable adapter named "default" (peft's name, so it saves as a plain adapter; starts from the SFT adapter, or fresh when SFT was merged)
+    reference  the frozen SFT adapter, or the base with adapters off when SFT was merged
+    critic     trainable adapter + value head (starts from the reward adapter and head, as in
+               InstructGPT, or from the SFT model)
+    reward     frozen reward adapter + score head
+Full mode keeps separate models, as everyone else does.
+
+Switching adapters goes through peft's layer attribute rather than `set_adapter`, because
+`set_adapter` also flips requires_grad, which would freeze the policy while the critic runs.
+
+Dimensions: B rollouts, P prompt tokens (left-padded), R response tokens (right-padded), T = P + R.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhflab.errors import UsageError
+from rlhflab.losses import entropy_from_logits, gather_logprobs
+
+
+@contextlib.contextmanager
+def active_adapter(model, name: str | None):
+    """Run `model` with adapter `name` active (None = all adapters off), restoring the previous state."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+    for m in layers:
+        if name is None:
+            m._disable_adapters = True
+        else:
+            m._active_adapter, m._disable_adapters = [name], False
+    try:
+        yield
+    finally:
+        for m, (active, disabled) in zip(layers, saved):
+            m._active_adapter, m._disable_adapters = active, disabled
+
+
+def causal_lm(model):
+    """The HF causal LM inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _forward_kwargs(lm, input_ids, attention_mask) -> dict:
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "position_ids" in inspect.signature(lm.forward).parameters:
+        kwargs["position_ids"] = position_ids(attention_mask)
+    return kwargs
+
+
+def response_logprobs(model, input_ids, attention_mask, prompt_len: int, with_entropy: bool = False):
+    """(B, R) log p(response token | prefix) in fp32, and optionally the (B, R) entropy."""
+    lm = causal_lm(model)
+    logits = model(**_forward_kwargs(lm, input_ids, attention_mask)).logits[:, prompt_len - 1:-1]  # (B, R, V)
+    targets = input_ids[:, prompt_len:]
+    logprobs = gather_logprobs(logits, targets)
+    return (logprobs, entropy_from_logits(logits)) if with_entropy else (logprobs, None)
+
+
+def hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
+    """(B, T, H) last hidden states of the transformer body (no LM head)."""
+    lm = causal_lm(model)
+    body = lm.base_model
+    out = body(**_forward_kwargs(body, input_ids, attention_mask))
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+class ValueHead(nn.Module):
+    """Per-token scalar on the body's hidden state (fp32)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.linear.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+class Roles(nn.Module):
+    """Holds every role. Trainable parts (policy, critic adapter, value head) are parameters of this
+    module; in full mode the frozen reference and reward models sit outside its parameters."""
+
+    def __init__(self, lm, value_head: ValueHead, score_head: nn.Module, *, lora: bool, reference_adapter: str | None,
+                 reward_adapter: str | None, critic_adapter: str | None, frozen: dict | None = None,
+                 critic_lm=None):
+        super().__init__()
+        self.lm, self.value_head, self.score_head = lm, value_head, score_head
+        self.critic_lm = critic_lm  # full mode only: the critic's own (trainable) body
+        self.lora = lora
+        self.reference_adapter, self.reward_adapter, self.critic_adapter = reference_adapter, reward_adapter, critic_adapter
+        # Full mode: {"reference": model, "reward": model}; frozen, so not registered as submodules.
+        self.__dict__["frozen"] = frozen or {}
+        self.score_head.requires_grad_(False)
+
+    def _role(self, role: str):
+        """(model, adapter name or None, use-adapter flag) for a role."""
+        if not self.lora:
+            model = {"policy": self.lm, "critic": self.critic_lm}.get(role) or self.frozen[role]
+            return model, None, False
+        adapter = {"policy": "default", "reference": self.reference_adapter, "critic": self.critic_adapter,
+                   "reward": self.reward_adapter}[role]
+        return self.lm, adapter, True
+
+    def logprobs(self, role: str, input_ids, attention_mask, prompt_len: int, with_entropy: bool = False):
+        model, adapter, switch = self._role(role)
+        with active_adapter(model, adapter) if switch else contextlib.nullcontext():
+            return response_logprobs(model, input_ids, attention_mask, prompt_len, with_entropy)
+
+    def values(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
+        """(B, R) value of the state before each response token."""
+        model, adapter, switch = self._role("critic")
+        with active_adapter(model, adapter) if switch else contextlib.nullcontext():
+            hidden = hidden_states(model, input_ids, attention_mask)
+        return self.value_head(hidden[:, prompt_len - 1:-1])
+
+    def scores(self, input_ids, attention_mask) -> torch.Tensor:
+        """(B,) reward model score at the last real token of each sequence."""
+        model, adapter, switch = self._role("reward")
+        with active_adapter(model, adapter) if switch else contextlib.nullcontext():
+            hidden = hidden_states(model, input_ids, attention_mask)
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)  # (B,)
+        assert bool(attention_mask.gather(1, last[:, None]).all()), "score read at a pad position"
+        return self.score_head(hidden[torch.arange(hidden.shape[0]), last].float()).squeeze(-1)
+
+    def trainable_parameters(self, role: str) -> list[nn.Parameter]:
+        if role == "critic":
+            params = list(self.value_head.parameters())
+            if self.lora:
+                params += [p for n, p in self.lm.named_parameters() if f".{self.critic_adapter}." in n]
+            else:
+                params += list(self.critic_lm.parameters())
+            return params
+        if self.lora:
+            return [p for n, p in self.lm.named_parameters() if ".default." in n]
+        return list(self.lm.parameters())
+
+
+def base_weight_copies(roles: Roles) -> int:
+    """How many distinct tensors hold the first base projection weight across all roles (1 in LoRA mode)."""
+    pointers = set()
+    for model in [roles.lm, *roles.frozen.values()]:
+        for name, p in causal_lm(model).named_parameters():
+            if name.endswith("q_proj.base_layer.weight") or name.endswith("q_proj.weight") or \
+                    name.endswith("c_attn.base_layer.weight") or name.endswith("c_attn.weight"):
+                pointers.add(p.data_ptr())
+                break
+    return len(pointers)
+
+
+def clone_frozen(model):
+    frozen = copy.deepcopy(model)
+    frozen.requires_grad_(False)
+    frozen.eval()
+    return frozen
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the roles from the stage directories of SFT and RM.
+
+
+def load_score_head(rm_dir: Path, hidden_size: int, device) -> nn.Linear:
+    """The reward model's score head (score_head.safetensors: a (1, H) weight and a bias)."""
+    from safetensors.torch import load_file
+
+    path = Path(rm_dir) / "score_head.safetensors"
+    if not path.exists():
+        raise UsageError(f"--reward {rm_dir}: no score_head.safetensors (is it a reward model from `rlhflab rm`?)")
+    tensors = load_file(str(path))
+    weight = next(t for k, t in tensors.items() if t.ndim == 2)
+    bias = next((t for k, t in tensors.items() if t.ndim == 1), None)
+    if weight.shape != (1, hidden_size):
+        raise UsageError(f"--reward {rm_dir}: score head has shape {tuple(weight.shape)}, the policy's hidden size is {hidden_size}")
+    head = nn.Linear(hidden_size, 1, bias=bias is not None)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        if bias is not None:
+            head.bias.copy_(bias)
+    return head.to(device)
+
+
+def _same_path(a: str, b: str) -> bool:
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
+def load_roles(config, placement):
+    """Build every role from --policy (SFT) and --reward (RM). Returns (roles, tokenizer, info)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from rlhflab.models.loading import adapter_base, is_adapter_dir, load_causal_lm, load_tokenizer
+
+    policy_dir, rm_dir = config.policy or config.model, config.reward
+    for option, path in (("--policy", policy_dir), ("--reward", rm_dir)):
+        if not Path(path).is_dir():
+            raise UsageError(f"{option} {path}: no such directory")
+    tokenizer = load_tokenizer(config.tokenizer or policy_dir, config.trust_remote_code, config.chat_template)
+    tokenizer.padding_side = "left"
+    policy_is_adapter = is_adapter_dir(policy_dir)
+    base_name = adapter_base(policy_dir) if policy_is_adapter else policy_dir
+    rm_is_adapter = is_adapter_dir(rm_dir)
+    info = {"base": base_name, "policy_is_adapter": policy_is_adapter}
+
+    if not config.lora:
+        policy = load_causal_lm(policy_dir, placement, config.trust_remote_code, train_full=True)
+        reference = clone_frozen(policy)
+        reward = clone_frozen(load_causal_lm(rm_dir, placement, config.trust_remote_code))
+        critic_source = rm_dir if config.critic_init == "reward" else policy_dir
+        critic = load_causal_lm(critic_source, placement, config.trust_remote_code, train_full=True)
+        hidden = policy.config.hidden_size
+        score_head = load_score_head(rm_dir, hidden, placement.device)
+        value_head = _value_head(hidden, score_head if config.critic_init == "reward" else None, placement.device)
+        roles = Roles(policy, value_head, score_head, lora=False, reference_adapter=None, reward_adapter=None,
+                      critic_adapter=None, frozen={"reference": reference, "reward": reward}, critic_lm=critic)
+        return roles, tokenizer, info
+
+    if not (rm_is_adapter and _same_path(adapter_base(rm_dir), base_name)):
+        raise UsageError(
+            f"--lora keeps one copy of the base weights, so the reward model must be a LoRA adapter on the same "
+            f"base as the policy ({base_name}); {rm_dir} is "
+            + (f"an adapter on {adapter_base(rm_dir)}" if rm_is_adapter else "a full model")
+            + ". Train it with `rlhflab rm --lora --model <the SFT model>`, or run PPO without --lora.")
+    base = load_causal_lm(base_name, placement, config.trust_remote_code)
+    base.requires_grad_(False)
+    if policy_is_adapter:
+        lm = PeftModel.from_pretrained(base, policy_dir, adapter_name="default", is_trainable=True)
+        lm.load_adapter(policy_dir, adapter_name="reference", is_trainable=False)
+        reference_adapter = "reference"
+    else:
+        targets = "all-linear" if config.lora_target == "all-linear" else config.lora_target.split(",")
+        fresh = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                           target_modules=targets, task_type="CAUSAL_LM")
+        lm = get_peft_model(base, fresh, adapter_name="default")
+        reference_adapter = None  # the SFT weights are the base: adapters off
+    lm.load_adapter(rm_dir, adapter_name="reward", is_trainable=False)
+    hidden = base.config.hidden_size
+    score_head = load_score_head(rm_dir, hidden, placement.device)
+    if config.critic_init == "reward":
+        lm.load_adapter(rm_dir, adapter_name="critic", is_trainable=True)
+        value_head = _value_head(hidden, score_head, placement.device)
+    else:
+        lm.add_adapter("critic", lm.peft_config["default"])
+        value_head = _value_head(hidden, None, placement.device)
+    # load_adapter/add_adapter may toggle flags: set exactly what trains.
+    for name, param in lm.named_parameters():
+        param.requires_grad = (".default." in name) or (config.estimator == "gae" and ".critic." in name)
+    roles = Roles(lm, value_head, score_head, lora=True, reference_adapter=reference_adapter,
+                  reward_adapter="reward", critic_adapter="critic")
+    return roles, tokenizer, info
+
+
+def _value_head(hidden: int, score_head: nn.Linear | None, device) -> ValueHead:
+    head = ValueHead(hidden).to(device)
+    if score_head is not None:  # InstructGPT: the value function starts from the reward model
+        with torch.no_grad():
+            head.linear.weight.copy_(score_head.weight)
+            if score_head.bias is not None:
+                head.linear.bias.copy_(score_head.bias)
+    return head
+
+
+def load_judge_rm(path: str, placement):
+    """A second, held-out reward model for the monitors: an object with .scores(ids, mask)."""
+    from rlhflab.models.loading import load_causal_lm
+
+    model = clone_frozen(load_causal_lm(path, placement))
+    head = load_score_head(Path(path), model.config.hidden_size, placement.device)
+    head.requires_grad_(False)
+    return Roles(model, ValueHead(model.config.hidden_size), head, lora=False, reference_adapter=None,
+                 reward_adapter=None, critic_adapter=None, frozen={"reward": model})
+
+
+def save_policy(roles: Roles, tokenizer, out: Path, info: dict) -> None:
+    """The trained policy like every other stage: a peft adapter on the original base, or a full model."""
+    from rlhflab.models.loading import record_adapter_base, save_model
+
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.padding_side = "right"
+    if roles.lora:
+        out.mkdir(parents=True, exist_ok=True)
+        roles.lm.save_pretrained(str(out), selected_adapters=["default"], safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+        record_adapter_base(out, info["base"])
+    else:
+        save_model(roles.lm, tokenizer, out)
