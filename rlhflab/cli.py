@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "rm": ("rlhflab.stages.rm:RMConfig", "rlhflab.stages.rm:run", "reward model from preference pairs or K-way rankings"),
     "rm score": ("rlhflab.stages.rm_audit:ScoreConfig", "rlhflab.stages.rm_audit:score_command", "score a file of responses with a reward model"),
     "rm audit": ("rlhflab.stages.rm_audit:AuditConfig", "rlhflab.stages.rm_audit:run", "check a reward model for reward hacks"),
+    "ppo": ("rlhflab.stages.rl:RLConfig", "rlhflab.stages.rl:run", "RL against a reward model: PPO, GRPO, RLOO, REINFORCE++"),
     "judge": ("rlhflab.config:JudgeConfig", "rlhflab.commands:judge", "score answers with the toy world's gold judge"),
 }
 

@@ -1,0 +1,448 @@
+"""RL from human feedback (InstructGPT step 3): PPO with a critic, or GRPO / RLOO / REINFORCE++,
+in one rollout -> score -> advantage -> update loop chosen by --estimator.
+
+How this departs from the papers, and why:
+- Seed 001's collapse (an RM that liked empty answers) is guarded in two places: generation can
+  suppress EOS for the first --min-new-tokens tokens, and the monitors log the empty-answer rate,
+  response length and (on toy-world prompts) the gold score every step, with an alarm when the
+  reward rises while the gold score falls.
+- The KL to the reference is a per-token reward penalty (Ziegler et al. 2019, InstructGPT) for
+  gae/rloo/reinforce++, and a k3 loss term for grpo (Shao et al. 2024), unless --kl-mode says
+  otherwise; log-ratios are clamped and computed in fp32.
+- LoRA mode holds one copy of the base weights for all four roles (see rl_roles.py).
+
+Dimensions: B rollouts per step (= prompts x --n-samples), P prompt tokens, R response tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhflab import losses, runs
+from rlhflab.config import ModelOptions, TrainOptions, opt
+from rlhflab.errors import UsageError
+from rlhflab.stages import common
+
+
+@dataclass
+class RLConfig(ModelOptions, TrainOptions):
+    """PPO (critic + GAE) or a critic-free estimator against a reward model."""
+
+    stage = "ppo"
+    policy: str | None = opt(None, "the SFT model (directory or adapter): initial policy and the reference")
+    reward: str | None = opt(None, "reward model directory written by `rlhflab rm`")
+    prompts: str | None = opt(None, "prompts file (prompts/messages/pairs/rankings formats are accepted)")
+    estimator: str = opt("gae", "advantages: gae (PPO with a critic), grpo, rloo, reinforce++",
+                         ("gae", "grpo", "rloo", "reinforce++"))
+    critic_init: str = opt("reward", "initialise the critic from the reward model (InstructGPT) or the SFT model",
+                           ("reward", "sft"))
+    n_samples: int = opt(1, "responses per prompt (grpo/rloo need >= 2)")
+    rollout_prompts: int = opt(16, "prompts per rollout (a step = one rollout + its updates)")
+    mini_batch: int = opt(8, "rollouts per gradient step inside an update")
+    ppo_epochs: int = opt(2, "passes over each rollout")
+    max_new_tokens: int = opt(48, "longest response")
+    min_new_tokens: int = opt(1, "suppress EOS until this many tokens were generated (seed 001's fix); 0 = off")
+    temperature: float = opt(1.0, "sampling temperature of rollouts")
+    top_p: float = opt(1.0, "nucleus sampling of rollouts")
+    kl_coef: float = opt(0.05, "initial KL coefficient beta")
+    kl_target: float = opt(0.0, "adaptive KL: target KL per sequence (0 = fixed beta)")
+    kl_horizon: int = opt(10000, "adaptive KL horizon (Ziegler et al.)")
+    kl_mode: str = opt("auto", "KL as a reward penalty or a loss term (auto: loss for grpo, reward otherwise)",
+                       ("auto", "reward", "loss"))
+    kl_estimator: str = opt("k1", "per-token KL estimator in the reward (loss mode uses k3)", ("k1", "k2", "k3", "abs"))
+    clip_eps: float = opt(0.2, "PPO ratio clip")
+    value_clip: float = opt(0.2, "value clip around the rollout's values")
+    vf_coef: float = opt(0.5, "value loss weight")
+    critic_lr: float = opt(0.0, "critic learning rate (0 = same as --lr)")
+    entropy_coef: float = opt(0.0, "entropy bonus weight")
+    gamma: float = opt(1.0, "discount")
+    lam: float = opt(0.95, "GAE lambda")
+    whiten_advantages: bool = opt(True, "normalise advantages over the rollout")
+    reward_norm: bool = opt(True, "normalise RM scores with running mean/std")
+    reward_clip: float = opt(5.0, "clip (normalised) scores to +-this (0 = off)")
+    missing_eos_penalty: float = opt(0.0, "subtract this from the score of a response cut at max length")
+    target_kl_stop: float = opt(0.0, "stop an update early when approx KL to the rollout policy passes this (0 = off)")
+    ptx_data: str | None = opt(None, "SFT conversations for the PPO-ptx term (InstructGPT)")
+    ptx_coef: float = opt(0.0, "weight of the ptx next-token loss")
+    probe_every: int = opt(10, "append responses to the probe prompts to samples.jsonl every N steps (0 = off)")
+    alarm_window: int = opt(5, "logged steps over which reward and gold-score trends are compared")
+    max_nonfinite: int = opt(3, "stop after this many non-finite batches in a row")
+    judge_rm: str | None = opt(None, "a second, held-out reward model used as the gold signal when prompts are not toy-world ones")
+    max_rows: int = opt(0, "use at most this many prompts (0 = all)")
+    max_length: int = opt(256, "longest prompt in tokens (longer prompts keep their end)")
+    lr: float = opt(1e-4, "policy learning rate")
+    warmup_ratio: float = opt(0.0, "share of steps spent warming the learning rate up")
+    scheduler: str = opt("constant", "learning-rate schedule", ("cosine", "linear", "constant"))
+    max_steps: int = opt(50, "RL steps (rollout + update)")
+
+    def check(self):
+        if not self.policy and not self.model:
+            raise UsageError("give --policy (the SFT model directory or adapter)")
+        if not self.reward:
+            raise UsageError("give --reward (a reward model directory from `rlhflab rm`)")
+        if not self.prompts:
+            raise UsageError("give --prompts (a file of prompts)")
+        if self.estimator in ("grpo", "rloo") and self.n_samples < 2:
+            raise UsageError(f"--estimator {self.estimator} compares responses to the same prompt: --n-samples must be >= 2")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise UsageError("--ptx-coef > 0 needs --ptx-data (SFT conversations)")
+        for name in ("n_samples", "rollout_prompts", "mini_batch", "ppo_epochs", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')}: must be at least 1")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise UsageError("--min-new-tokens must not exceed --max-new-tokens")
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.kl_mode == "loss" or (self.kl_mode == "auto" and self.estimator == "grpo")
+
+
+@dataclass
+class Rollout:
+    """One batch of experience; every tensor is detached."""
+
+    input_ids: torch.Tensor       # (B, P+R) prompt (left-padded) + response (right-padded)
+    attention_mask: torch.Tensor  # (B, P+R)
+    prompt_len: int               # P
+    mask: torch.Tensor            # (B, R) 1 on response tokens (stop token included)
+    old_logprobs: torch.Tensor    # (B, R) under the policy that generated it
+    ref_logprobs: torch.Tensor    # (B, R) under the reference
+    values: torch.Tensor | None   # (B, R) critic values (gae only)
+    advantages: torch.Tensor      # (B, R)
+    returns: torch.Tensor | None  # (B, R) value targets (gae only)
+
+
+def repetition(tokens: list[int]) -> float:
+    """Share of repeated bigrams in a response (0 = none repeated)."""
+    pairs = list(zip(tokens, tokens[1:]))
+    return 1.0 - len(set(pairs)) / len(pairs) if len(pairs) > 1 else 0.0
+
+
+class GoldSignal:
+    """The ground truth the monitors compare the reward with: the toy world's judge on world
+    prompts, or a second, held-out reward model (--judge-rm)."""
+
+    def __init__(self, records, judge_rm=None):
+        from rlhflab.world import judge
+
+        self.judge, self.judge_rm = judge, judge_rm
+        self.world = all(r.meta.get("family") for r in records)
+
+    @property
+    def available(self) -> bool:
+        return self.world or self.judge_rm is not None
+
+    def __call__(self, records, texts, input_ids=None, attention_mask=None) -> float | None:
+        if self.world:
+            return sum(self.judge(r.messages, t, r.meta).score for r, t in zip(records, texts)) / len(texts)
+        if self.judge_rm is not None:
+            return float(self.judge_rm.scores(input_ids, attention_mask).mean())
+        return None
+
+
+class Alarm:
+    """Reward rising while the gold signal falls over a window of logged steps."""
+
+    def __init__(self, window: int):
+        self.window, self.rewards, self.golds = window, [], []
+
+    def update(self, reward: float, gold: float | None) -> str | None:
+        if gold is None:
+            return None
+        self.rewards.append(reward)
+        self.golds.append(gold)
+        if len(self.golds) < 2 * self.window:
+            return None
+        w = self.window
+        reward_gain = sum(self.rewards[-w:]) / w - sum(self.rewards[-2 * w:-w]) / w
+        gold_gain = sum(self.golds[-w:]) / w - sum(self.golds[-2 * w:-w]) / w
+        if reward_gain > 0 and gold_gain < -0.02:
+            return f"reward rose by {reward_gain:.3f} while the gold score fell by {-gold_gain:.3f} (possible reward hacking)"
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout: generate, score, make advantages.
+
+
+@torch.no_grad()
+def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, moments) -> tuple[Rollout, dict, list[str]]:
+    from rlhflab.data.template import encode_prompt, stop_token_ids
+    from rlhflab.engine import SamplingParams, generate
+    from rlhflab.stages.rl_roles import active_adapter
+
+    prompts = [encode_prompt(tokenizer, r.messages)[-config.max_length:] for r in records]
+    params = SamplingParams(max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
+                            temperature=config.temperature, top_p=config.top_p, do_sample=True,
+                            stop_token_ids=tuple(stop_token_ids(tokenizer)), seed=config.seed * 100_003 + step)
+    with active_adapter(roles.lm, "default") if roles.lora else contextlib.nullcontext():
+        gen = generate(roles.lm, tokenizer, prompts, params, step=step,
+                       prompt_texts=[r.messages[-1]["content"] for r in records])
+    input_ids, attention_mask = gen.sequences()
+    prompt_len = gen.prompt_ids.shape[1]
+    mask = gen.response_mask.float()                                                   # (B, R)
+    old_logprobs, _ = roles.logprobs("policy", input_ids, attention_mask, prompt_len)
+    ref_logprobs, _ = roles.logprobs("reference", input_ids, attention_mask, prompt_len)
+    raw_scores = roles.scores(input_ids, attention_mask).float()                       # (B,)
+    scores = raw_scores - config.missing_eos_penalty * (~gen.finished).float()
+    if not torch.isfinite(scores).all():
+        raise FloatingPointError("non-finite reward")
+    if config.reward_norm:
+        mean, std = moments.update(scores)
+        scores = (scores - mean) / (std + 1e-6)
+    if config.reward_clip:
+        scores = scores.clamp(-config.reward_clip, config.reward_clip)
+    kl = losses.kl_penalty(old_logprobs, ref_logprobs, kind=config.kl_estimator) * mask  # (B, R)
+    reward_kl = torch.zeros_like(kl) if config.kl_in_loss else kl
+    values = returns = None
+    group = config.n_samples
+    if config.estimator == "gae":
+        values = roles.values(input_ids, attention_mask, prompt_len).float() * mask
+        token_rewards = losses.token_rewards(scores, reward_kl, mask, kl_ctl.value)
+        advantages, returns = losses.gae(token_rewards, values, mask, config.gamma, config.lam)
+    elif config.estimator == "reinforce++":
+        token_rewards = losses.token_rewards(scores, reward_kl, mask, kl_ctl.value)
+        advantages = losses.reinforce_pp_advantages(token_rewards, mask, config.gamma)
+    else:
+        sequence_scores = scores - kl_ctl.value * reward_kl.sum(-1)
+        per_sequence = (losses.grpo_advantages(sequence_scores, group) if config.estimator == "grpo"
+                        else losses.rloo_advantages(sequence_scores, group))
+        advantages = losses.broadcast_to_tokens(per_sequence, mask)
+    if config.whiten_advantages and config.estimator in ("gae",):
+        advantages = losses.masked_whiten(advantages, mask)
+    rollout = Rollout(input_ids, attention_mask, prompt_len, mask, old_logprobs, ref_logprobs, values,
+                      advantages * mask, returns)
+    lengths = mask.sum(-1)
+    responses = [gen.response_ids[i, : int(lengths[i])].tolist() for i in range(len(records))]
+    k3 = losses.kl_penalty(old_logprobs, ref_logprobs, kind="k3") * mask
+    stats = {
+        "reward": raw_scores.mean().item(), "reward_normalised": scores.mean().item(),
+        "kl_k1": (losses.kl_penalty(old_logprobs, ref_logprobs, kind="k1") * mask).sum(-1).mean().item(),
+        "kl_k3": k3.sum(-1).mean().item(), "kl_coef": kl_ctl.value,
+        "response_len": lengths.mean().item(),
+        "empty_rate": sum(not t.strip() for t in gen.texts) / len(gen.texts),
+        "repetition_rate": sum(repetition(r) > 0.3 for r in responses) / len(responses),
+        "truncated_rate": (~gen.finished).float().mean().item(),
+    }
+    return rollout, stats, gen.texts
+
+
+# ---------------------------------------------------------------------------------------------
+# Update: several epochs of mini-batches over one rollout.
+
+
+def update(roles, optimizer, accelerator, rollout: Rollout, config: RLConfig, kl_ctl, ptx) -> dict:
+    batch = rollout.mask.shape[0]
+    sums: dict[str, float] = {}
+    count, stopped_early = 0, False
+    for _ in range(config.ppo_epochs):
+        for idx in torch.randperm(batch).split(config.mini_batch):
+            ids, am, mask = rollout.input_ids[idx], rollout.attention_mask[idx], rollout.mask[idx]
+            logprobs, entropy = roles.logprobs("policy", ids, am, rollout.prompt_len, with_entropy=True)
+            loss, metrics = losses.policy_loss(logprobs, rollout.old_logprobs[idx], rollout.advantages[idx], mask,
+                                               clip_eps=config.clip_eps)
+            metrics["entropy"] = losses.masked_mean(entropy, mask).item()
+            if config.entropy_coef:
+                loss = loss - config.entropy_coef * losses.masked_mean(entropy, mask)
+            if config.kl_in_loss:
+                kl = losses.kl_penalty(logprobs, rollout.ref_logprobs[idx], kind="k3")
+                loss = loss + kl_ctl.value * losses.masked_mean(kl, mask)
+            if config.estimator == "gae":
+                values = roles.values(ids, am, rollout.prompt_len)
+                vf_loss, vf_metrics = losses.value_loss(values, rollout.values[idx], rollout.returns[idx], mask,
+                                                        clip_eps=config.value_clip)
+                loss = loss + config.vf_coef * vf_loss
+                metrics.update(vf_metrics)
+            if ptx is not None:
+                ptx_loss = ptx.loss(roles)
+                loss = loss + config.ptx_coef * ptx_loss
+                metrics["ptx_loss"] = ptx_loss.item()
+            if not torch.isfinite(loss):
+                raise FloatingPointError("non-finite loss")
+            accelerator.backward(loss)
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                            config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            count += 1
+            if config.target_kl_stop and metrics.get("approx_kl", 0.0) > config.target_kl_stop:
+                stopped_early = True
+                break
+        if stopped_early:
+            break
+    out = {key: value / max(count, 1) for key, value in sums.items()}
+    out["updates"], out["early_stop"] = count, int(stopped_early)
+    return out
+
+
+class PtxTerm:
+    """PPO-ptx (InstructGPT): next-token loss on SFT data mixed into the policy update."""
+
+    def __init__(self, path: str, tokenizer, config: RLConfig, device):
+        from rlhflab.data.formats import load_records
+        from rlhflab.stages.sft import encode_dataset
+
+        records, _ = load_records(path, "sft", option="--ptx-data")
+        self.examples, _ = encode_dataset(records, tokenizer, config.max_length)
+        self.pad_id, self.device, self.size = tokenizer.pad_token_id, device, config.mini_batch
+        self.rng = random.Random(config.seed)
+
+    def loss(self, roles) -> torch.Tensor:
+        from rlhflab.stages.rl_roles import active_adapter
+        from rlhflab.stages.sft import collate, nll_sum
+
+        batch = collate(self.rng.sample(self.examples, min(self.size, len(self.examples))), self.pad_id, self.device)
+        with active_adapter(roles.lm, "default") if roles.lora else contextlib.nullcontext():
+            total, n = nll_sum(roles.lm, batch)
+        return total / max(n, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Probes and inspection dumps.
+
+
+def probe_records(records, world: bool) -> list:
+    """A fixed set of prompts answered every --probe-every steps (toy-world probes when available)."""
+    if world:
+        from rlhflab.data.formats import Record
+        from rlhflab.world import probe_prompts
+
+        return [Record(p["messages"], meta=p["meta"]) for p in probe_prompts()]
+    return records[:6]
+
+
+@torch.no_grad()
+def write_probes(path: Path, roles, tokenizer, probes, config: RLConfig, step: int, gold: GoldSignal) -> None:
+    from rlhflab.data.template import encode_prompt, stop_token_ids
+    from rlhflab.engine import SamplingParams, generate
+    from rlhflab.stages.rl_roles import active_adapter
+
+    params = SamplingParams(max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
+                            do_sample=False, stop_token_ids=tuple(stop_token_ids(tokenizer)))
+    with active_adapter(roles.lm, "default") if roles.lora else contextlib.nullcontext():
+        gen = generate(roles.lm, tokenizer, [encode_prompt(tokenizer, r.messages) for r in probes], params, step=step)
+    ids, mask = gen.sequences()
+    scores = roles.scores(ids, mask).tolist()
+    with path.open("a", encoding="utf-8") as handle:
+        for record, text, score in zip(probes, gen.texts, scores):
+            row = {"step": step, "prompt": record.messages[-1]["content"], "response": text, "reward": round(score, 4)}
+            if gold.world:
+                row["gold"] = round(gold.judge(record.messages, text, record.meta).score, 4)
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def dump_nonfinite(out: Path, step: int, records, reason: str) -> None:
+    """Keep the prompts of a skipped batch for inspection."""
+    runs.atomic_write_json(out / "nonfinite" / f"step-{step}.json",
+                           {"step": step, "reason": reason, "prompts": [r.messages for r in records]})
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def run(config: RLConfig) -> dict:
+    from rlhflab.data.formats import load_records
+    from rlhflab.stages.rl_roles import base_weight_copies, load_judge_rm, load_roles, save_policy
+
+    # Load.
+    records, stats = load_records(config.prompts, "prompts", option="--prompts", max_rows=config.max_rows)
+    setup = common.prepare_stage(config)
+    roles, tokenizer, info = load_roles(config, setup.placement)
+    gold = GoldSignal(records, load_judge_rm(config.judge_rm, setup.placement) if config.judge_rm else None)
+    probes = probe_records(records, gold.world)
+
+    # Build.
+    accelerator = setup.accelerator
+    policy_params, critic_params = roles.trainable_parameters("policy"), roles.trainable_parameters("critic")
+    groups = [{"params": policy_params, "lr": config.lr}]
+    if config.estimator == "gae":
+        groups.append({"params": critic_params, "lr": config.critic_lr or config.lr})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    scheduler = common.make_scheduler(optimizer, config, config.max_steps)
+    roles, optimizer, scheduler = accelerator.prepare(roles, optimizer, scheduler)
+    roles_module = accelerator.unwrap_model(roles)
+    if config.lora:
+        common.checkpoint_trainable_only(accelerator)
+    kl_ctl = (losses.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target
+              else losses.FixedKLController(config.kl_coef))
+    moments = losses.RunningMoments()
+    order = common.BatchOrder([1] * len(records), config.rollout_prompts, config.seed, group_by_length=False)
+    ptx = PtxTerm(config.ptx_data, tokenizer, config, accelerator.device) if config.ptx_coef > 0 else None
+    metrics_log = common.start_outputs(setup, config)
+    step = 0
+    if setup.resume_from:
+        step = common.restore_checkpoint(setup, order, strict=not config.lora)
+        kl_ctl.load_state_dict(setup.state["kl_controller"])
+        moments.load_state_dict(setup.state["reward_moments"])
+    samples_path = setup.out / "samples.jsonl"
+    if not setup.resume_from:
+        samples_path.unlink(missing_ok=True)
+    alarm, alarms, nonfinite, last_checkpoint = Alarm(config.alarm_window), [], 0, setup.resume_from
+    history = []
+
+    # Loop.
+    timer = runs.Timer()
+    bar = common.progress(config.max_steps, step, config.stage, config.progress and accelerator.is_main_process)
+    while step < config.max_steps:
+        started = time.perf_counter()
+        batch_records = [records[i] for i in order.next() for _ in range(config.n_samples)]
+        try:
+            rollout, row, texts = collect(roles_module, tokenizer, batch_records, config, step + 1, kl_ctl, moments)
+            row.update(update(roles_module, optimizer, accelerator, rollout, config, kl_ctl, ptx))
+            nonfinite = 0
+        except FloatingPointError as exc:
+            nonfinite += 1
+            dump_nonfinite(setup.out, step + 1, batch_records, str(exc))
+            if nonfinite >= config.max_nonfinite:
+                from rlhflab.errors import NonFiniteError
+
+                raise NonFiniteError(f"{exc} in {nonfinite} batches in a row, last at step {step + 1}; batches dumped "
+                                     f"to {setup.out / 'nonfinite'} (last good checkpoint: {last_checkpoint})") from None
+            step += 1
+            continue
+        scheduler.step()
+        kl_ctl.update(row["kl_k1"], len(batch_records))
+        step += 1
+        gold_score = gold(batch_records, texts, rollout.input_ids, rollout.attention_mask) if gold.available else None
+        if gold_score is not None:
+            row["gold"] = gold_score
+        row["step_time_s"] = time.perf_counter() - started
+        message = alarm.update(row["reward"], gold_score)
+        if message:
+            row["alarm"] = message
+            alarms.append({"step": step, "message": message})
+            print(f"\n[alarm] step {step}: {message}", file=sys.stderr)
+        history.append(row)
+        metrics_log.log(step, row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl_k1']:.3f}", len=f"{row['response_len']:.1f}")
+        if config.probe_every and (step % config.probe_every == 0 or step == config.max_steps):
+            write_probes(samples_path, roles_module, tokenizer, probes, config, step, gold)
+        if config.save_every and step % config.save_every == 0 and step < config.max_steps:
+            last_checkpoint = common.save_checkpoint(setup, config, step, order, {
+                "kl_controller": kl_ctl.state_dict(), "reward_moments": moments.state_dict()})
+    bar.close()
+
+    # Save.
+    if accelerator.is_main_process:
+        save_policy(roles_module, tokenizer, setup.out, info)
+    tail = history[-max(1, len(history) // 5):]
+    summary = {"stage": config.stage, "estimator": config.estimator, "steps": step, "wall_time_s": timer.elapsed,
+               **{f"final_{k}": sum(r[k] for r in tail) / len(tail) for k in
+                  ("reward", "kl_k1", "response_len", "empty_rate", "gold") if tail and all(k in r for r in tail)},
+               "alarms": alarms, "base_weight_copies": base_weight_copies(roles_module), "lora": config.lora,
+               "prompts": len(records), "rows_read": stats.rows_read, "rows_skipped": stats.rows_skipped,
+               "seconds_per_step": sum(r["step_time_s"] for r in history) / max(1, len(history))}
+    return common.finish(setup, summary)

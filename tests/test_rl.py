@@ -1,0 +1,91 @@
+"""RL stage: every estimator on tiny models, one base in LoRA mode, resume, monitors, seed 001's collapse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhflab.cli import main
+from rlhflab.runs import read_metrics
+from rlhflab.stages.rl import Alarm
+
+from conftest import SAMPLES
+
+
+@pytest.fixture(scope="module")
+def sft_and_rm(tiny_model, tmp_path_factory):
+    """An SFT model (plain dir) and a LoRA reward model on it."""
+    root = tmp_path_factory.mktemp("rl")
+    sft = root / "sft"
+    assert main(["sft", "--model", str(tiny_model("llama")), "--data", str(SAMPLES / "sft_messages.jsonl"),
+                 "--out", str(sft), "--max-steps", "10", "--lr", "3e-3", "--progress", "false"]) == 0
+    rm = root / "rm"
+    assert main(["rm", "--model", str(sft), "--data", str(SAMPLES / "pairs.jsonl"), "--out", str(rm), "--lora",
+                 "--max-steps", "10", "--lr", "5e-3", "--progress", "false"]) == 0
+    return sft, rm
+
+
+def ppo(sft, rm, out, *extra) -> dict:
+    code = main(["ppo", "--policy", str(sft), "--reward", str(rm), "--prompts", str(SAMPLES / "prompts.jsonl"),
+                 "--out", str(out), "--max-new-tokens", "8", "--rollout-prompts", "4", "--mini-batch", "4",
+                 "--progress", "false", "--probe-every", "2", *map(str, extra)])
+    assert code == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("estimator,extra", [
+    ("gae", ["--lora"]), ("gae", ["--no-lora"]), ("grpo", ["--lora", "--n-samples", "2"]),
+    ("rloo", ["--lora", "--n-samples", "2"]), ("reinforce++", ["--lora"]),
+])
+def test_each_estimator_runs_and_logs_the_monitors(estimator, extra, sft_and_rm, tmp_path):
+    sft, rm = sft_and_rm
+    summary = ppo(sft, rm, tmp_path / "run", "--estimator", estimator, "--max-steps", 3, *extra)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("reward", "kl_k1", "kl_k3", "entropy", "response_len", "empty_rate", "repetition_rate", "clipfrac"):
+        assert key in rows[0], key
+    if estimator == "gae":
+        assert "vf_loss" in rows[0] and "explained_variance" in rows[0]
+    assert summary["steps"] == 3
+    assert (tmp_path / "run" / "samples.jsonl").read_text().count("\n") > 0
+    assert (tmp_path / "run" / ("adapter_config.json" if "--lora" in extra else "model.safetensors")).exists()
+
+
+def test_lora_mode_holds_one_base_and_starts_at_zero_kl(sft_and_rm, tmp_path):
+    sft, rm = sft_and_rm
+    summary = ppo(sft, rm, tmp_path / "run", "--lora", "--max-steps", 1)
+    assert summary["base_weight_copies"] == 1
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert first["kl_k1"] == 0.0 and first["kl_k3"] == 0.0
+
+
+def test_full_mode_keeps_separate_models(sft_and_rm, tmp_path):
+    sft, rm = sft_and_rm
+    assert ppo(sft, rm, tmp_path / "run", "--no-lora", "--max-steps", 1)["base_weight_copies"] > 1
+
+
+def test_resume_gives_the_same_next_step(sft_and_rm, tmp_path):
+    sft, rm = sft_and_rm
+    ppo(sft, rm, tmp_path / "a", "--lora", "--max-steps", 4)
+    ppo(sft, rm, tmp_path / "b", "--lora", "--max-steps", 4, "--save-every", 2)
+    ppo(sft, rm, tmp_path / "b", "--lora", "--max-steps", 4, "--resume", tmp_path / "b" / "checkpoints" / "step-2")
+    a, b = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
+    for key in ("reward", "kl_k1", "pg_loss", "response_len"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-6), key
+
+
+def test_alarm_fires_when_reward_rises_and_gold_falls():
+    alarm = Alarm(window=3)
+    messages = [alarm.update(reward=0.1 * i, gold=0.9 - 0.05 * i) for i in range(6)]
+    assert messages[-1] and "reward rose" in messages[-1]
+    calm = Alarm(window=3)
+    assert not any(calm.update(reward=0.1 * i, gold=0.5 + 0.05 * i) for i in range(6))
+
+
+def test_bad_options_are_named(sft_and_rm, cli):
+    sft, rm = sft_and_rm
+    result = cli("ppo", "--policy", sft, "--reward", rm, "--prompts", SAMPLES / "prompts.jsonl", "--estimator", "grpo")
+    assert result.returncode == 2 and "--n-samples must be >= 2" in result.stderr
+    result = cli("ppo", "--policy", sft, "--reward", sft, "--prompts", SAMPLES / "prompts.jsonl", "--lora")
+    assert result.returncode == 2 and "LoRA adapter on the same base" in result.stderr
