@@ -48,12 +48,15 @@ def test_yaml_then_cli_override_and_unknown_yaml_key(tmp_path):
         parse("sft", ["--config", str(bad)])
 
 
-def test_every_command_parses_its_defaults():
+def test_every_command_parses_its_defaults_or_names_what_is_missing():
     for command in COMMANDS:
         try:
             parse(command, [])
         except ModuleNotFoundError:
             pytest.fail(f"`rlhflab {command}` points at a module that does not exist")
+        except UsageError as error:
+            # A stage that cannot run without an input must say which option gives it.
+            assert "--" in str(error), f"`rlhflab {command}` with no options: {error}"
 
 
 @pytest.mark.parametrize("args,message", [
