@@ -27,8 +27,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "rm score": ("rlhflab.stages.rm_audit:ScoreConfig", "rlhflab.stages.rm_audit:score_command", "score a file of responses with a reward model"),
     "rm audit": ("rlhflab.stages.rm_audit:AuditConfig", "rlhflab.stages.rm_audit:run", "check a reward model for reward hacks"),
     "ppo": ("rlhflab.stages.rl:RLConfig", "rlhflab.stages.rl:run", "RL against a reward model: PPO, GRPO, RLOO, REINFORCE++"),
+    "dpo": ("rlhflab.stages.dpo:DPOConfig", "rlhflab.stages.dpo:run", "DPO and its variants (ipo, cdpo, simpo, rpo), offline or in online rounds"),
+    "sample": ("rlhflab.stages.preference_data:SampleConfig", "rlhflab.stages.preference_data:sample_command", "sample K answers per prompt from a model"),
+    "rank": ("rlhflab.stages.preference_data:RankConfig", "rlhflab.stages.preference_data:rank_command", "rank sampled answers into pairs or rankings (judge or reward model)"),
     "judge": ("rlhflab.config:JudgeConfig", "rlhflab.commands:judge", "score answers with the toy world's gold judge"),
 }
+
+# Commands whose first bare argument is an option's value: `rlhflab chat runs/quickstart`.
+POSITIONAL = {"chat": "--model", "report": "--run-dir"}
 
 
 def _load(path: str):
@@ -101,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     # Sub-sub-commands (`rlhflab world export`, `rlhflab rm audit`) are registered as "world export".
     if rest and f"{command} {rest[0]}" in COMMANDS:
         command, rest = f"{command} {rest[0]}", rest[1:]
+    if rest and command in POSITIONAL and not rest[0].startswith("-"):
+        rest = [POSITIONAL[command], rest[0], *rest[1:]]
     if command not in COMMANDS:
         print(f"rlhflab: unknown command {command!r}" + cfg.suggest(command, list(COMMANDS)), file=sys.stderr)
         print(usage(), file=sys.stderr)

@@ -291,14 +291,19 @@ def load_judge_rm(path: str, placement):
 
 def save_policy(roles: Roles, tokenizer, out: Path, info: dict) -> None:
     """The trained policy like every other stage: a peft adapter on the original base, or a full model."""
+    save_trained_policy(roles.lm, tokenizer, out, roles.lora, info["base"])
+
+
+def save_trained_policy(lm, tokenizer, out: Path, lora: bool, base_name: str | None) -> None:
+    """Save the adapter named "default" (recording its base) or the full model, with a right-padding tokenizer."""
     from rlhflab.models.loading import record_adapter_base, save_model
 
     tokenizer = copy.copy(tokenizer)
     tokenizer.padding_side = "right"
-    if roles.lora:
+    if lora:
         out.mkdir(parents=True, exist_ok=True)
-        roles.lm.save_pretrained(str(out), selected_adapters=["default"], safe_serialization=True)
+        lm.save_pretrained(str(out), selected_adapters=["default"], safe_serialization=True)
         tokenizer.save_pretrained(str(out))
-        record_adapter_base(out, info["base"])
+        record_adapter_base(out, base_name)
     else:
-        save_model(roles.lm, tokenizer, out)
+        save_model(lm, tokenizer, out)

@@ -1,0 +1,435 @@
+"""Direct preference optimisation: the reward-model-free path, with its variants and iterative rounds.
+
+The policy starts from the SFT model, which is also the reference. With --lora there is ONE copy
+of the base weights: the policy is a trainable adapter, the reference the frozen SFT adapter (or
+the base with adapters off when SFT was merged). With full fine-tuning the reference log-probs
+are computed once, in a no-grad pass before training and cached next to the run
+(--precompute-ref, the default), or live from a frozen copy.
+
+Chosen and rejected answers go through the model in one concatenated forward pass. Only the
+last assistant turn is scored, so a multi-turn prompt's earlier answers do not count.
+
+`--rounds R` is iterative (online) DPO: each round after the first (or every round, without
+--data) samples K answers per prompt from the current policy, ranks them (gold judge or a
+reward model), and trains on best-against-worst pairs. The reference stays the SFT model.
+
+Dimensions: B pairs per micro-batch; the forward batch is 2B rows, chosen first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhflab import losses, runs
+from rlhflab.config import DataOptions, ModelOptions, TrainOptions, opt
+from rlhflab.data.formats import load_records
+from rlhflab.data.template import IGNORE_INDEX, encode_chat
+from rlhflab.errors import UsageError
+from rlhflab.stages import common
+
+
+@dataclass
+class DPOConfig(ModelOptions, DataOptions, TrainOptions):
+    """DPO and its variants on preference pairs (or rankings), optionally in online rounds."""
+
+    stage = "dpo"
+    policy: str | None = opt(None, "the SFT model (directory or adapter): the starting policy and the reference")
+    loss: str = opt("dpo", "dpo (sigmoid), ipo, cdpo (label smoothing), simpo (reference-free), rpo (dpo + NLL)",
+                    losses.DPO_LOSSES)
+    beta: float = opt(0.1, "strength of the implicit KL to the reference (simpo: reward scale)")
+    label_smoothing: float = opt(0.1, "cdpo: assumed share of flipped labels")
+    simpo_gamma: float = opt(0.5, "simpo: target reward margin")
+    rpo_alpha: float = opt(1.0, "rpo: weight of the chosen answer's per-token NLL")
+    precompute_ref: bool = opt(True, "compute reference log-probs once before training (else live, every step)")
+    pairs_from_rankings: str = opt("all", "rankings data: all K-choose-2 pairs, or best against worst only",
+                                   ("all", "best-worst"))
+    warn_chosen_drop: float = opt(5.0, "warn when the chosen answers' log-prob falls this many nats below the reference")
+    rounds: int = opt(1, "iterative DPO: rounds of sample -> rank -> train (rounds after the first need --prompts)")
+    prompts: str | None = opt(None, "prompts to sample from in online rounds")
+    k: int = opt(4, "online rounds: responses sampled per prompt")
+    rank_by: str = opt("judge", "online rounds: who ranks the samples, 'judge' (toy world) or 'rm:DIR'")
+    round_prompts: int = opt(256, "online rounds: prompts sampled per round")
+    max_new_tokens: int = opt(48, "online rounds: longest sampled answer")
+    temperature: float = opt(1.0, "online rounds: sampling temperature")
+    batch_size: int = opt(8, "pairs per micro-batch")
+    lr: float = opt(5e-5, "peak learning rate")
+    max_length: int = opt(256, "longest prompt + answer in tokens (longer ones keep their start)")
+
+    def check(self):
+        if not self.policy and not self.model:
+            raise UsageError("give --policy (the SFT model directory or adapter)")
+        if not self.data and not self.prompts:
+            raise UsageError("give --data (preference pairs or rankings), or --prompts to sample pairs online")
+        if self.rounds < 1:
+            raise UsageError("--rounds: must be at least 1")
+        if (self.rounds > 1 or not self.data) and not self.prompts:
+            raise UsageError("online rounds sample from the policy: give --prompts")
+        if self.rank_by != "judge" and not self.rank_by.startswith("rm:"):
+            raise UsageError(f"--rank-by {self.rank_by!r}: expected 'judge' or 'rm:DIR'")
+        if self.k < 2:
+            raise UsageError("--k: must be at least 2")
+        if self.beta <= 0:
+            raise UsageError("--beta: must be positive")
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding and log-probs.
+
+
+def last_turn_labels(labels: list[int]) -> list[int]:
+    """Keep the labels of the last assistant turn only (the answer being compared)."""
+    end = max((i for i, x in enumerate(labels) if x != IGNORE_INDEX), default=-1)
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return [x if start <= i <= end else IGNORE_INDEX for i, x in enumerate(labels)]
+
+
+def encode_pairs(records, tokenizer, max_length: int, from_rankings: str) -> tuple[list[dict], dict]:
+    """Records -> [{"chosen": Encoded-like dict, "rejected": ...}]; pairs with no answer token left are dropped."""
+    pairs, truncated, dropped = [], 0, 0
+    for record in records:
+        responses, n = record.responses, len(record.responses)
+        if n == 2 or from_rankings == "all":
+            index_pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        else:
+            index_pairs = [(0, n - 1)]
+        encoded = []
+        for response in responses:
+            enc = encode_chat(tokenizer, record.messages + [{"role": "assistant", "content": response}], max_length)
+            truncated += enc.truncated
+            encoded.append({"input_ids": enc.input_ids, "labels": last_turn_labels(enc.labels)})
+        for i, j in index_pairs:
+            a, b = encoded[i], encoded[j]
+            if all(x == IGNORE_INDEX for x in a["labels"]) or all(x == IGNORE_INDEX for x in b["labels"]):
+                dropped += 1
+                continue
+            pairs.append({"chosen": a, "rejected": b})
+    return pairs, {"rows_truncated": truncated, "pairs_without_answer_tokens": dropped}
+
+
+def sequence_logps(model, pairs: list[dict], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """One forward pass over chosen + rejected: (chosen, rejected) summed log-probs and token counts, (B,)."""
+    from rlhflab.stages.sft import collate
+
+    batch = collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id, device)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    logps = (losses.gather_logprobs(logits, targets.clamp(min=0)) * mask).sum(-1)
+    counts = mask.sum(-1)
+    b = len(pairs)
+    return logps[:b], logps[b:], counts[:b], counts[b:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy and reference.
+
+
+class PolicyAndReference:
+    """The trainable policy and a way to get reference log-probs, with one base copy under LoRA."""
+
+    def __init__(self, config, placement):
+        from peft import PeftModel
+
+        from rlhflab.models.loading import (adapter_base, apply_lora, is_adapter_dir, load_causal_lm,
+                                            load_tokenizer, resize_for_tokenizer)
+        from rlhflab.stages.rl_roles import clone_frozen
+
+        self.config, self.placement = config, placement
+        self.source = config.policy or config.model
+        self.tokenizer = load_tokenizer(config.tokenizer or self.source, config.trust_remote_code,
+                                        config.chat_template)
+        self.reference_adapter, self.frozen = None, None
+        if config.lora:
+            if is_adapter_dir(self.source):
+                self.base_name = adapter_base(self.source)
+                base = load_causal_lm(self.base_name, placement, config.trust_remote_code, option="--policy")
+                self.model = PeftModel.from_pretrained(base, self.source, adapter_name="default", is_trainable=True)
+                self.model.load_adapter(self.source, adapter_name="reference", is_trainable=False)
+                self.reference_adapter = "reference"
+            else:
+                self.base_name = self.source
+                base = load_causal_lm(self.source, placement, config.trust_remote_code, option="--policy")
+                resize_for_tokenizer(base, self.tokenizer)
+                self.model = apply_lora(base, config)
+            for name, param in self.model.named_parameters():
+                param.requires_grad = ".default." in name
+        else:
+            self.base_name = None
+            self.model = load_causal_lm(self.source, placement, config.trust_remote_code, train_full=True,
+                                        option="--policy")
+            resize_for_tokenizer(self.model, self.tokenizer)
+            if not config.precompute_ref and config.loss != "simpo":
+                self.frozen = clone_frozen(self.model)
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    @contextlib.contextmanager
+    def reference(self, policy_untouched: bool):
+        """A model that computes reference log-probs (no grad, eval mode) for the duration of the block."""
+        from rlhflab.stages.rl_roles import active_adapter
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                if self.config.lora:
+                    with active_adapter(self.model, self.reference_adapter):
+                        yield self.model
+                elif self.frozen is not None:
+                    yield self.frozen
+                elif policy_untouched:
+                    yield self.model  # before the first update the policy is the reference
+                else:
+                    yield self._load_reference()
+        finally:
+            self.model.train(was_training)
+
+    def _load_reference(self):
+        from rlhflab.models.loading import load_causal_lm, resize_for_tokenizer
+        from rlhflab.stages.rl_roles import clone_frozen
+
+        model = load_causal_lm(self.source, self.placement, self.config.trust_remote_code, option="--policy")
+        resize_for_tokenizer(model, self.tokenizer)
+        return clone_frozen(model)
+
+
+def reference_logps(policy: PolicyAndReference, pairs: list[dict], config, policy_untouched: bool, device,
+                    cache: Path | None = None, show: bool = False) -> dict:
+    """{"chosen": (N,), "rejected": (N,)} reference log-probs of every pair; cached in `cache` when given."""
+    from safetensors.torch import load_file, save_file
+
+    if config.loss == "simpo":  # reference-free
+        zeros = torch.zeros(len(pairs))
+        return {"chosen": zeros, "rejected": zeros}
+    if cache is not None and cache.is_file():
+        cached = load_file(str(cache))
+        if cached["chosen"].shape[0] == len(pairs):
+            return cached
+    chosen, rejected = [], []
+    size = max(1, config.batch_size * 2)
+    bar = common.progress(len(pairs), 0, "reference log-probs", show)
+    with policy.reference(policy_untouched) as model:
+        for start in range(0, len(pairs), size):
+            c, r, _, _ = sequence_logps(model, pairs[start:start + size], policy.tokenizer.pad_token_id, device)
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
+            bar.update(len(pairs[start:start + size]))
+    bar.close()
+    out = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        save_file(out, str(tmp))
+        tmp.replace(cache)
+    return out
+
+
+def pair_loss(policy_model, pairs, ref: dict, indices: list[int], config, pad_id, device):
+    """DPO-family loss and metrics of one micro-batch."""
+    pc, pr, nc, nr = sequence_logps(policy_model, [pairs[i] for i in indices], pad_id, device)
+    rc, rr = ref["chosen"][indices].to(device), ref["rejected"][indices].to(device)
+    loss, metrics = losses.dpo_loss(pc, pr, rc, rr, beta=config.beta, loss_type=config.loss,
+                                    label_smoothing=config.label_smoothing, simpo_gamma=config.simpo_gamma,
+                                    chosen_nll=-pc / nc.clamp(min=1), rpo_alpha=config.rpo_alpha,
+                                    chosen_lengths=nc.clamp(min=1), rejected_lengths=nr.clamp(min=1))
+    metrics["logps/chosen_shift"] = (pc - rc).mean().item() if config.loss != "simpo" else 0.0
+    return loss, metrics
+
+
+@torch.no_grad()
+def evaluate(model, pairs, ref, config, pad_id, device) -> dict:
+    """Held-out loss, implicit-reward accuracy and margin."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    size = max(1, config.batch_size * 2)
+    for start in range(0, len(pairs), size):
+        indices = list(range(start, min(start + size, len(pairs))))
+        _, metrics = pair_loss(model, pairs, ref, indices, config, pad_id, device)
+        for key in ("loss", "rewards/accuracy", "rewards/margin", "logps/chosen_shift"):
+            totals[key] = totals.get(key, 0.0) + metrics[key] * len(indices)
+    model.train(was_training)
+    return {"eval_" + k.split("/")[-1]: v / len(pairs) for k, v in totals.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Online rounds.
+
+
+def round_pairs(policy: PolicyAndReference, config, round_no: int, prompts, out: Path) -> tuple[list, dict]:
+    """Sample from the current policy, rank, and return pair records; files are reused on resume."""
+    from rlhflab.data.formats import Record
+    from rlhflab.stages.preference_data import rank_rows, sample_responses, scorer, write_jsonl
+
+    folder = out / f"round-{round_no}"
+    pairs_file = folder / "pairs.jsonl"
+    if not pairs_file.is_file():
+        rng = torch.Generator().manual_seed(config.seed * 1000 + round_no)
+        chosen = torch.randperm(len(prompts), generator=rng)[: config.round_prompts].tolist()
+        print(f"round {round_no}: sampling {config.k} answers for {len(chosen)} prompts", file=sys.stderr)
+        rows = sample_responses(policy.model, policy.tokenizer, [prompts[i] for i in chosen], config.k,
+                                config.max_new_tokens, config.temperature, 1.0, config.seed + round_no)
+        write_jsonl(folder / "samples.jsonl", rows)
+        scores = scorer(config.rank_by, policy.placement)(rows)
+        ranked, tied = rank_rows(rows, scores, "pairs")
+        flat = [s for row in scores for s in row]
+        write_jsonl(pairs_file, ranked)
+        runs.atomic_write_json(folder / "round.json", {
+            "round": round_no, "prompts": len(rows), "pairs": len(ranked), "tied_prompts": tied,
+            "mean_sample_score": sum(flat) / len(flat), "ranked_by": config.rank_by})
+    import json
+
+    info = json.loads((folder / "round.json").read_text(encoding="utf-8"))
+    records = []
+    for line in pairs_file.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        records.append(Record(row["prompt"], [row["chosen"], row["rejected"]], meta=row.get("meta") or {}))
+    if not records:
+        raise UsageError(f"round {round_no}: every prompt's samples tied under --rank-by {config.rank_by}; "
+                         "nothing to train on (raise --temperature or --k)")
+    return records, info
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage.
+
+
+def run(config: DPOConfig) -> dict:
+    # Load.
+    records, stats, eval_records = [], None, []
+    if config.data:
+        records, stats = load_records(config.data, "preference", config.format, config.skip_bad_rows, config.max_rows)
+        if config.eval_data:
+            eval_records, _ = load_records(config.eval_data, "preference", config.format, option="--eval-data")
+        elif len(records) > 1:
+            n_eval = max(1, int(len(records) * config.eval_fraction))
+            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
+            eval_records, records = [records[i] for i in order[:n_eval]], [records[i] for i in order[n_eval:]]
+    prompts = []
+    if config.prompts:
+        prompts, _ = load_records(config.prompts, "prompts", option="--prompts")
+    setup = common.prepare_stage(config)
+    policy = PolicyAndReference(config, setup.placement)
+    tokenizer, device = policy.tokenizer, setup.placement.device
+    pad_id = tokenizer.pad_token_id
+    metrics_log = common.start_outputs(setup, config)
+    show = config.progress and setup.accelerator.is_main_process
+    state = setup.state
+    round_no = state.get("round", 1)
+    untouched = setup.resume_from is None
+
+    # Eval pairs and their reference log-probs (fixed for the whole run).
+    eval_pairs, _ = encode_pairs(eval_records, tokenizer, config.max_length, config.pairs_from_rankings)
+    ref_started = time.perf_counter()
+    eval_ref = reference_logps(policy, eval_pairs, config, untouched, device, setup.out / "ref_logps_eval.safetensors",
+                               show) if eval_pairs else None
+
+    def items_of(round_no: int) -> tuple[list[dict], dict, dict]:
+        info = {}
+        if round_no == 1 and config.data:
+            round_records = records
+        else:
+            round_records, info = round_pairs(policy, config, round_no, prompts, setup.out)
+        pairs, enc_stats = encode_pairs(round_records, tokenizer, config.max_length, config.pairs_from_rankings)
+        if not pairs:
+            raise UsageError(f"round {round_no}: no pair has an answer token left after --max-length {config.max_length}")
+        return pairs, {**enc_stats, **info}, info
+
+    pairs, enc_stats, round_info = items_of(round_no)
+    ref = reference_logps(policy, pairs, config, untouched, device,
+                          setup.out / f"ref_logps_round{round_no}.safetensors", show)
+    ref_time = time.perf_counter() - ref_started
+
+    # Build.
+    steps_per_round = state.get("steps_per_round") or common.total_steps(config, len(pairs))
+    steps = steps_per_round * config.rounds
+    optimizer = common.make_optimizer(policy.model, config)
+    scheduler = common.make_scheduler(optimizer, config, steps)
+    accelerator = setup.accelerator
+    model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
+    if config.lora:
+        common.checkpoint_trainable_only(accelerator)
+
+    def order_of(pairs):
+        lengths = [len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in pairs]
+        return common.BatchOrder(lengths, config.batch_size, config.seed + round_no, config.group_by_length)
+
+    order = order_of(pairs)
+    step = common.restore_checkpoint(setup, order, strict=not config.lora) if setup.resume_from else 0
+
+    # Loop.
+    timer, train_time, seen_pairs, warned = runs.Timer(), 0.0, 0, False
+    model.train()
+    bar = common.progress(steps, step, f"dpo ({config.loss})", show)
+    last_checkpoint, row, window, rounds_log = setup.resume_from, {}, [], []
+    while step < steps:
+        if step >= round_no * steps_per_round:  # next online round: sample from the policy as it is now
+            rounds_log.append({"round": round_no, **round_info})
+            round_no += 1
+            bar.clear()
+            pairs, enc_stats, round_info = items_of(round_no)
+            extra_started = time.perf_counter()
+            ref = reference_logps(policy, pairs, config, False, device,
+                                  setup.out / f"ref_logps_round{round_no}.safetensors", show)
+            ref_time += time.perf_counter() - extra_started
+            order = order_of(pairs)
+            if "mean_sample_score" in round_info:
+                metrics_log.log(step, {"round": round_no, "round_sample_score": round_info["mean_sample_score"]})
+        started = time.perf_counter()
+        for _ in range(config.grad_accum):
+            indices = common.shard(order.next(), accelerator)
+            loss, row = pair_loss(model, pairs, ref, indices, config, pad_id, device)
+            common.check_finite(loss, "the DPO loss", step + 1, last_checkpoint)
+            accelerator.backward(loss / config.grad_accum)
+            seen_pairs += len(indices)
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        train_time += time.perf_counter() - started
+        window = (window + [row["logps/chosen_shift"]])[-config.log_every:]
+        if not warned and len(window) == config.log_every and sum(window) / len(window) < -config.warn_chosen_drop:
+            warned = True
+            print(f"\n[warning] step {step}: the chosen answers' log-prob is {-sum(window) / len(window):.1f} nats "
+                  "below the reference. DPO widens the gap between chosen and rejected, which can also push the "
+                  "chosen answer down; --loss rpo adds an NLL term that holds it up (see the README).", file=sys.stderr)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracy']:.2f}")
+        if step % config.log_every == 0 or step == steps:
+            metrics_log.log(step, {**row, "lr": scheduler.get_last_lr()[0], "round": round_no,
+                                   "pairs_per_s": seen_pairs / max(train_time, 1e-9)})
+        if config.eval_every and step % config.eval_every == 0 and eval_pairs:
+            metrics_log.log(step, evaluate(model, eval_pairs, eval_ref, config, pad_id, device))
+        if config.save_every and step % config.save_every == 0 and step < steps:
+            last_checkpoint = common.save_checkpoint(setup, config, step, order,
+                                                     {"round": round_no, "steps_per_round": steps_per_round})
+    bar.close()
+    rounds_log.append({"round": round_no, **round_info})
+
+    # Save.
+    unwrapped = accelerator.unwrap_model(model)
+    figures = evaluate(unwrapped, eval_pairs, eval_ref, config, pad_id, device) if eval_pairs else {}
+    if accelerator.is_main_process:
+        from rlhflab.stages.rl_roles import save_trained_policy
+
+        save_trained_policy(unwrapped, tokenizer, setup.out, config.lora, policy.base_name)
+    summary = {"stage": "dpo", "loss_type": config.loss, "beta": config.beta, "steps": step,
+               "final_loss": row.get("loss"), "final_train_accuracy": row.get("rewards/accuracy"),
+               "final_margin": row.get("rewards/margin"), "final_chosen_shift": row.get("logps/chosen_shift"),
+               **figures, "pairs_per_s": seen_pairs / max(train_time + ref_time, 1e-9),
+               "train_pairs": seen_pairs, "train_time_s": train_time, "reference_time_s": ref_time,
+               "wall_time_s": timer.elapsed, "rounds": rounds_log, "reference": (
+                   "adapter" if policy.reference_adapter else "adapters-off" if config.lora else
+                   "precomputed" if config.precompute_ref else "live"),
+               "rows_read": stats.rows_read if stats else 0, "rows_skipped": stats.rows_skipped if stats else 0,
+               **enc_stats, "lora": config.lora, "chosen_drop_warning": warned}
+    return common.finish(setup, summary)

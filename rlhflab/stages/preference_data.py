@@ -1,0 +1,183 @@
+"""Preference data from a model's own samples: `rlhflab sample` and `rlhflab rank`.
+
+`sample` writes K responses per prompt in the `rankings` shape (unranked, sample order).
+`rank` orders them with a judge — the toy world's gold judge, or a reward model — and writes
+`rankings` (best first, with the scores) or `pairs` (best against worst). Iterative DPO
+(`rlhflab dpo --rounds R`) runs the same two functions between its rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhflab.config import opt
+from rlhflab.errors import UsageError
+
+
+@dataclass
+class SampleConfig:
+    """Write K sampled responses per prompt (a rankings-shaped file, not yet ranked)."""
+
+    stage = "sample"
+    model: str | None = opt(None, "model directory or adapter to sample from")
+    prompts: str | None = opt(None, "prompts file (prompts/messages/pairs/rankings formats are accepted)")
+    out: str | None = opt(None, "JSONL file to write")
+    k: int = opt(4, "responses per prompt")
+    max_new_tokens: int = opt(48, "longest response")
+    temperature: float = opt(1.0, "sampling temperature")
+    top_p: float = opt(1.0, "nucleus sampling")
+    max_rows: int = opt(0, "use at most this many prompts (0 = all)")
+    batch_size: int = opt(32, "sequences generated at once")
+    seed: int = opt(0, "sampling seed")
+    trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
+    device: str = opt("auto", "where to run", ("auto", "cpu", "cuda"))
+    dtype: str = opt("auto", "weights dtype", ("auto", "fp32", "bf16", "fp16"))
+
+    def check(self):
+        for option in ("model", "prompts", "out"):
+            if not getattr(self, option):
+                raise UsageError(f"give --{option}")
+        if self.k < 2:
+            raise UsageError("--k: must be at least 2 (a ranking needs two responses)")
+
+
+@dataclass
+class RankConfig:
+    """Rank sampled responses with the gold judge or a reward model, into pairs or rankings."""
+
+    stage = "rank"
+    data: str | None = opt(None, "rankings-shaped JSONL from `rlhflab sample`")
+    by: str = opt("judge", "who ranks: 'judge' (the toy world's gold judge) or 'rm:DIR' (a reward model)")
+    out: str | None = opt(None, "JSONL file to write")
+    format: str = opt("pairs", "pairs (best against worst) or rankings (all, best first)", ("pairs", "rankings"))
+    device: str = opt("auto", "where to run a reward model", ("auto", "cpu", "cuda"))
+    dtype: str = opt("auto", "weights dtype of a reward model", ("auto", "fp32", "bf16", "fp16"))
+
+    def check(self):
+        for option in ("data", "out"):
+            if not getattr(self, option):
+                raise UsageError(f"give --{option}")
+        if self.by != "judge" and not self.by.startswith("rm:"):
+            raise UsageError(f"--by {self.by!r}: expected 'judge' or 'rm:DIR'")
+
+
+def sample_responses(model, tokenizer, records, k: int, max_new_tokens: int, temperature: float, top_p: float,
+                     seed: int, batch_size: int = 32) -> list[dict]:
+    """K sampled responses per prompt record, as rankings-shaped rows (unranked)."""
+    from rlhflab.data.template import stop_token_ids
+    from rlhflab.engine import SamplingParams, generate_text
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, do_sample=True,
+                            min_new_tokens=1, stop_token_ids=tuple(stop_token_ids(tokenizer)), seed=seed)
+    conversations = [r.messages for r in records for _ in range(k)]
+    out = generate_text(model, tokenizer, conversations, params, batch_size=batch_size)
+    return [{"prompt": r.messages, "responses": out.texts[i * k:(i + 1) * k], "meta": r.meta}
+            for i, r in enumerate(records)]
+
+
+def scorer(by: str, placement=None):
+    """A function (rows) -> list of score lists, one per row, from 'judge' or 'rm:DIR'."""
+    if by == "judge":
+        from rlhflab.world import judge
+
+        return lambda rows: [[judge(row["prompt"], text, row.get("meta")).score for text in row["responses"]]
+                             for row in rows]
+    from rlhflab.models.loading import choose_placement
+    from rlhflab.stages.rm_model import load_reward_model, score_texts
+
+    model, tokenizer = load_reward_model(by[3:], placement or choose_placement("auto", "auto"))
+
+    def by_rm(rows):
+        flat = score_texts(model, tokenizer, [row["prompt"] + [{"role": "assistant", "content": text}]
+                                              for row in rows for text in row["responses"]])
+        out, start = [], 0
+        for row in rows:
+            out.append(flat[start:start + len(row["responses"])])
+            start += len(row["responses"])
+        return out
+
+    return by_rm
+
+
+def rank_rows(rows: list[dict], scores: list[list[float]], fmt: str) -> tuple[list[dict], int]:
+    """Order each row's responses by score; returns (rows in `fmt`, prompts dropped because all tied)."""
+    out, tied = [], 0
+    for row, row_scores in zip(rows, scores):
+        order = sorted(range(len(row_scores)), key=lambda i: -row_scores[i])
+        best, worst = order[0], order[-1]
+        if row_scores[best] == row_scores[worst]:
+            tied += 1
+            continue
+        meta = row.get("meta") or {}
+        if fmt == "pairs":
+            out.append({"prompt": row["prompt"], "chosen": row["responses"][best],
+                        "rejected": row["responses"][worst], "meta": meta,
+                        "scores": [row_scores[best], row_scores[worst]]})
+        else:
+            out.append({"prompt": row["prompt"], "responses": [row["responses"][i] for i in order],
+                        "scores": [row_scores[i] for i in order], "meta": meta})
+    return out, tied
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    from rlhflab.runs import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of a rankings-shaped file, each checked; errors name the file and line."""
+    if not Path(path).is_file():
+        raise UsageError(f"--data {path}: no such file")
+    rows = []
+    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("responses"), list) or len(row["responses"]) < 2:
+            raise UsageError(f"{path}:{line_no}: expected {{\"prompt\", \"responses\": [at least 2 strings]}}")
+        if isinstance(row.get("prompt"), str):
+            row["prompt"] = [{"role": "user", "content": row["prompt"]}]
+        if not isinstance(row.get("prompt"), list):
+            raise UsageError(f"{path}:{line_no}: field 'prompt' must be a string or a list of messages")
+        rows.append(row)
+    if not rows:
+        raise UsageError(f"--data {path}: no rows")
+    return rows
+
+
+def sample_command(config: SampleConfig) -> int:
+    from rlhflab.commands import load_prompts
+    from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokenizer
+
+    records = load_prompts(config.prompts)
+    if config.max_rows:
+        records = records[: config.max_rows]
+    placement = choose_placement(config.device, config.dtype)
+    model = load_causal_lm(config.model, placement, config.trust_remote_code).eval()
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    rows = sample_responses(model, tokenizer, records, config.k, config.max_new_tokens, config.temperature,
+                            config.top_p, config.seed, config.batch_size)
+    write_jsonl(config.out, rows)
+    print(f"{len(rows)} prompts x {config.k} responses written to {config.out}")
+    return 0
+
+
+def rank_command(config: RankConfig) -> int:
+    from rlhflab.models.loading import choose_placement
+
+    rows = read_rows(config.data)
+    scores = scorer(config.by, choose_placement(config.device, config.dtype))(rows)
+    ranked, tied = rank_rows(rows, scores, config.format)
+    if not ranked:
+        raise UsageError(f"{config.data}: every prompt's responses tied under --by {config.by}; nothing to write")
+    write_jsonl(config.out, ranked)
+    print(f"{len(ranked)} {config.format} written to {config.out} ({tied} prompts dropped: all responses tied)",
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,142 @@
+"""DPO end to end on tiny models: the reference at step 0, every loss, online rounds, sample/rank, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhflab.cli import main
+from rlhflab.runs import read_metrics
+
+from conftest import SAMPLES
+
+PAIRS = SAMPLES / "pairs.jsonl"
+
+
+def dpo(out, *extra):
+    code = main(["dpo", "--data", str(PAIRS), "--out", str(out), "--log-every", "1", "--progress", "false",
+                 "--batch-size", "4", "--eval-fraction", "0.1", *map(str, extra)])
+    assert code == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "adapter"
+    code = main(["sft", "--model", str(tiny_model("llama")), "--data", str(SAMPLES / "sft_messages.jsonl"),
+                 "--out", str(out), "--lora", "--max-steps", "3", "--lr", "1e-2", "--progress", "false"])
+    assert code == 0
+    return out
+
+
+@pytest.mark.parametrize("mode", ["lora-on-adapter", "lora-on-full", "full-precomputed", "full-live"])
+def test_reference_equals_the_sft_model_at_step_zero(mode, sft_adapter, tiny_model, tmp_path):
+    policy = sft_adapter if mode == "lora-on-adapter" else tiny_model("llama")
+    extra = {"lora-on-adapter": ["--lora"], "lora-on-full": ["--lora"], "full-precomputed": [],
+             "full-live": ["--precompute-ref", "false"]}[mode]
+    summary = dpo(tmp_path / mode, "--policy", policy, "--max-steps", 2, "--lr", "1e-2", *extra)
+    first = read_metrics(tmp_path / mode / "metrics.jsonl")[0]
+    assert first["step"] == 1
+    # The first loss is computed before any update, so the implicit rewards are zero up to float
+    # summation order (precomputed reference batches are padded to other widths than training ones).
+    assert abs(first["rewards/margin"]) < 1e-5 and abs(first["rewards/chosen"]) < 1e-5
+    assert first["loss"] == pytest.approx(0.6931472, abs=1e-6)  # -log sigmoid(0)
+    expected = {"lora-on-adapter": "adapter", "lora-on-full": "adapters-off", "full-precomputed": "precomputed",
+                "full-live": "live"}[mode]
+    assert summary["reference"] == expected
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "cdpo", "simpo", "rpo"])
+def test_each_loss_learns_the_preferences(loss, tiny_model, tmp_path):
+    beta = 2.0 if loss == "simpo" else 0.1
+    summary = dpo(tmp_path / loss, "--policy", tiny_model("llama"), "--loss", loss, "--beta", beta,
+                  "--max-steps", 15, "--lr", "5e-3", "--eval-data", PAIRS, "--eval-every", 15)
+    rows = read_metrics(tmp_path / loss / "metrics.jsonl")
+    train = [r for r in rows if "loss" in r]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert summary["eval_accuracy"] >= 0.8, summary
+    assert summary["loss_type"] == loss and summary["pairs_per_s"] > 0
+
+
+def test_lora_dpo_saves_an_adapter_on_the_sft_base(sft_adapter, tmp_path):
+    from rlhflab.models.loading import adapter_base
+
+    out = tmp_path / "dpo"
+    dpo(out, "--policy", sft_adapter, "--lora", "--max-steps", 2)
+    assert (out / "adapter_model.safetensors").exists()
+    assert adapter_base(out) == adapter_base(sft_adapter)
+
+
+def test_resume_continues_exactly(tiny_model, tmp_path):
+    common = ["--policy", tiny_model("llama"), "--max-steps", 6, "--lr", "5e-3", "--seed", 3]
+    dpo(tmp_path / "whole", *common)
+    dpo(tmp_path / "cut", *common, "--save-every", 3)
+    (tmp_path / "cut" / "summary.json").unlink()
+    checkpoint = tmp_path / "cut" / "checkpoints" / "step-3"
+    assert checkpoint.is_dir()
+    dpo(tmp_path / "cut", *common, "--resume", checkpoint)
+    whole = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    cut = read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    assert [r["step"] for r in cut] == [r["step"] for r in whole]
+    assert [r["loss"] for r in cut] == pytest.approx([r["loss"] for r in whole], abs=1e-6)
+
+
+def test_chosen_drop_warning(tiny_model, tmp_path, capsys):
+    # A threshold below any possible shift makes the warning fire; the mechanism, not the threshold, is tested.
+    summary = dpo(tmp_path / "w", "--policy", tiny_model("llama"), "--max-steps", 2, "--warn-chosen-drop", -1e9)
+    assert summary["chosen_drop_warning"] is True
+    assert "--loss rpo" in capsys.readouterr().err
+
+
+def test_sample_and_rank_make_pairs(tiny_model, tmp_path, cli):
+    from rlhflab.stages.preference_data import rank_rows
+
+    samples, ranked = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
+    result = cli("sample", "--model", tiny_model("llama"), "--prompts", SAMPLES / "prompts.jsonl", "--k", 3,
+                 "--max-rows", 4, "--max-new-tokens", 8, "--out", samples)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(rows) == 4 and all(len(r["responses"]) == 3 for r in rows)
+    rows = [{"prompt": [{"role": "user", "content": "What is 2 plus 3?"}], "responses": ["7", "5", "2 plus 3 is 5."]}]
+    pairs, tied = rank_rows(rows, [[0.1, 0.5, 0.9]], "pairs")
+    assert pairs[0]["chosen"] == "2 plus 3 is 5." and pairs[0]["rejected"] == "7" and tied == 0
+    rankings, _ = rank_rows(rows, [[0.1, 0.5, 0.9]], "rankings")
+    assert rankings[0]["responses"] == ["2 plus 3 is 5.", "5", "7"]
+    assert rank_rows(rows, [[0.3, 0.3, 0.3]], "pairs") == ([], 1)
+    samples.write_text(json.dumps({"prompt": "What is 2 plus 3?", "responses": ["I refuse.", "2 plus 3 is 5."]}) + "\n")
+    result = cli("rank", "--data", samples, "--by", "judge", "--out", ranked)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(ranked.read_text())["chosen"] == "2 plus 3 is 5."
+
+
+def test_online_rounds_sample_rank_and_train(tiny_model, tmp_path):
+    model = tiny_model("llama")
+    rm = tmp_path / "rm"
+    assert main(["rm", "--model", str(model), "--data", str(PAIRS), "--out", str(rm), "--max-steps", "2",
+                 "--progress", "false"]) == 0
+    out = tmp_path / "online"
+    summary = dpo(out, "--policy", model, "--rounds", 2, "--prompts", SAMPLES / "prompts.jsonl",
+                  "--rank-by", f"rm:{rm}", "--round-prompts", 6, "--k", 2, "--max-new-tokens", 6, "--max-steps", 2)
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert summary["steps"] == 4
+    info = json.loads((out / "round-2" / "round.json").read_text())
+    assert info["prompts"] == 6 and info["pairs"] >= 1
+    assert len((out / "round-2" / "samples.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", PAIRS], "give --policy"),
+    (["--policy", "MODEL"], "give --data"),
+    (["--policy", "MODEL", "--data", PAIRS, "--rounds", "2"], "give --prompts"),
+    (["--policy", "MODEL", "--data", SAMPLES / "sft_messages.jsonl"], "looks like"),
+    (["--policy", "MODEL", "--data", PAIRS, "--loss", "kto"], "--loss: 'kto' is not one of"),
+    (["--policy", "/no/such/model", "--data", PAIRS], "/no/such/model"),
+])
+def test_bad_input_exits_2_and_writes_nothing(args, message, tiny_model, tmp_path, cli):
+    args = [tiny_model("llama") if a == "MODEL" else a for a in args]
+    out = tmp_path / "out"
+    result = cli("dpo", *args, "--out", out)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
