@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "dpo": ("rlhflab.stages.dpo:DPOConfig", "rlhflab.stages.dpo:run", "DPO and its variants (ipo, cdpo, simpo, rpo), offline or in online rounds"),
     "sample": ("rlhflab.stages.preference_data:SampleConfig", "rlhflab.stages.preference_data:sample_command", "sample K answers per prompt from a model"),
     "rank": ("rlhflab.stages.preference_data:RankConfig", "rlhflab.stages.preference_data:rank_command", "rank sampled answers into pairs or rankings (judge or reward model)"),
+    "chat": ("rlhflab.chat:ChatConfig", "rlhflab.chat:run", "talk to a model, an adapter or a run's best policy"),
+    "report": ("rlhflab.report:ReportConfig", "rlhflab.report:run", "one self-contained HTML page of a run"),
     "judge": ("rlhflab.config:JudgeConfig", "rlhflab.commands:judge", "score answers with the toy world's gold judge"),
 }
 

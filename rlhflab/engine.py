@@ -141,9 +141,11 @@ def _generate_chunk(model, tokenizer, prompts, params, step, prompt_texts, offse
                 if done[row]:
                     continue
                 text = tokenizer.decode(tokens[row, : int(lengths[row])], skip_special_tokens=True)
-                if on_text and batch == 1 and not hit_stop[row]:
+                # A character split over byte-level tokens decodes to U+FFFD until its last byte
+                # arrives: hold it back, or the stream would show the placeholder and lose the character.
+                if on_text and batch == 1 and not hit_stop[row] and not text.endswith("\ufffd"):
                     on_text(text[len(texts_so_far[row]):])
-                texts_so_far[row] = text
+                    texts_so_far[row] = text
                 if any(s in text for s in params.stop_strings):
                     hit_stop[row] = True
         finished |= hit_stop

@@ -1,0 +1,254 @@
+"""`rlhflab chat MODEL_OR_RUN_DIR`: talk to a policy in the terminal, answers streamed as they are generated.
+
+The argument is a model directory, a LoRA adapter (merged onto its recorded base on load), or a run
+directory such as runs/quickstart/, where the best finished policy is chosen: ppo, grpo, dpo, sft,
+pretrain, in that order. The conversation is kept as chat messages and rendered through the
+tokenizer's chat template every turn, exactly as training and evaluation render it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhflab.config import opt
+from rlhflab.errors import UsageError
+
+# Stages of a run directory whose output is a policy, best first.
+POLICY_STAGES = ("ppo", "grpo", "dpo", "sft", "pretrain")
+
+HELP = """commands:
+  /reset          forget the conversation
+  /system TEXT    set the system message (and forget the conversation); /system alone removes it
+  /help           this list
+  /exit           quit (so does Ctrl-D)
+"""
+
+
+@dataclass
+class ChatConfig:
+    """Chat with a model, an adapter, or the best finished policy of a run directory."""
+
+    stage = "chat"
+    model: str | None = opt(None, "model directory, LoRA adapter, or run directory (its best finished policy)")
+    system: str | None = opt(None, "system message at the start of the conversation")
+    max_new_tokens: int = opt(256, "longest answer in tokens")
+    temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
+    top_p: float = opt(0.9, "nucleus sampling: keep the smallest set of tokens with this much probability")
+    device: str = opt("auto", "where to run", ("auto", "cpu", "cuda"))
+    dtype: str = opt("auto", "weights dtype", ("auto", "fp32", "bf16", "fp16"))
+    trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
+    seed: int = opt(0, "sampling seed (turn k uses seed + k, so a replayed session answers the same)")
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens: must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature: must not be negative, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p: must be in (0, 1], got {self.top_p}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which model to load.
+
+
+def _holds_model(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """(what to load, a line saying what was chosen). Local paths are checked here, hub ids are not."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        if _looks_like_hub_id(name):
+            return name, f"chatting with {name} (hub id)"
+        raise UsageError(f"{name}: no such file or directory")
+    if (path / "reward_config.json").is_file():
+        raise UsageError(f"{name} is a reward model: it scores answers but does not write them; "
+                         "chat with a policy instead (the sft, ppo or dpo directory of the run)")
+    if _holds_model(path):
+        return str(path), f"chatting with {path}"
+    return _best_policy(path)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    # "org/model" whose first part is not a local directory; anything else is meant as a path.
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(parts[0]).exists()
+
+
+def _best_policy(run_dir: Path) -> tuple[str, str]:
+    unfinished = []
+    for stage in POLICY_STAGES:
+        stage_dir = run_dir / stage
+        if not stage_dir.is_dir():
+            continue
+        if (stage_dir / "summary.json").is_file() and _holds_model(stage_dir):
+            skipped = f"; not finished, so skipped: {', '.join(unfinished)}" if unfinished else ""
+            return str(stage_dir), (f"chatting with {stage_dir} (the {stage} policy, best finished stage of "
+                                    f"{run_dir}{skipped})")
+        unfinished.append(stage)
+    if unfinished:
+        raise UsageError(f"{run_dir}: no finished policy yet: no summary.json (or no model) in "
+                         f"{', '.join(unfinished)}; finish a stage (run it again with --resume auto) or give a model")
+    raise UsageError(f"{run_dir} is neither a model (config.json), an adapter (adapter_config.json) nor a "
+                     f"run directory with a finished {', '.join(POLICY_STAGES)} stage")
+
+
+def load(name: str, config: ChatConfig):
+    from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokenizer, resize_for_tokenizer
+
+    placement = choose_placement(config.device, config.dtype)
+    model = load_causal_lm(name, placement, config.trust_remote_code, option="--model").eval()
+    tokenizer = load_tokenizer(name, config.trust_remote_code)
+    # A hub model without a chat template gets rlhflab's markers as new tokens.
+    resize_for_tokenizer(model, tokenizer)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# The conversation.
+
+
+def sampling_params(config: ChatConfig, tokenizer, turn: int):
+    from rlhflab.data.template import stop_token_ids
+    from rlhflab.engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                          do_sample=config.temperature > 0, stop_token_ids=tuple(stop_token_ids(tokenizer)),
+                          seed=config.seed + turn)
+
+
+def context_limit(model) -> int | None:
+    """Longest sequence the model's positions allow (None: no fixed limit, e.g. ALiBi)."""
+    model_config = getattr(model, "config", None)
+    return getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+
+
+def fit_context(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], int, bool]:
+    """Drop the oldest exchanges until the prompt fits `budget` tokens.
+
+    Returns (messages, exchanges dropped, whether it fits); the last user message is never cut.
+    """
+    from rlhflab.data.template import encode_prompt
+
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    dropped = 0
+    while len(encode_prompt(tokenizer, system + turns)) > budget:
+        if len(turns) == 1:
+            return system + turns, dropped, False
+        turns = turns[2:]  # a user message and the answer to it
+        dropped += 1
+    return system + turns, dropped, True
+
+
+def answer(model, tokenizer, messages: list[dict], params, write: Callable[[str], None]) -> str:
+    """Generate one answer, writing its text as it is produced; returns the whole answer."""
+    from rlhflab import engine
+
+    generation = engine.generate_text(model, tokenizer, [messages], params, on_text=write)
+    return generation.texts[0]
+
+
+def fresh_history(system: str | None) -> list[dict]:
+    return [{"role": "system", "content": system}] if system else []
+
+
+def chat_loop(model, tokenizer, config: ChatConfig, read_line: Callable[[str], str | None],
+              write: Callable[[str], None]) -> list[dict]:
+    """Read lines until /exit or end of input; returns the conversation as it stood at the end.
+
+    read_line(prompt) returns a line, or None at end of input; write(text) shows text at once.
+    """
+    system = config.system
+    history = fresh_history(system)
+    limit = context_limit(model)
+    turn = 0
+    while True:
+        line = read_line("you> ")
+        if line is None:
+            write("\n")
+            return history
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, argument = text.partition(" ")
+            if command in ("/exit", "/quit"):
+                return history
+            if command == "/reset":
+                history = fresh_history(system)
+                write("(conversation cleared)\n")
+            elif command == "/system":
+                system = argument.strip() or None
+                history = fresh_history(system)
+                write(f"(system message set: {system}; conversation cleared)\n" if system
+                      else "(system message removed; conversation cleared)\n")
+            elif command == "/help":
+                write(HELP)
+            else:
+                write(f"unknown command {command}\n{HELP}")
+            continue
+
+        messages = history + [{"role": "user", "content": text}]
+        if limit:
+            messages, dropped, fits = fit_context(tokenizer, messages, limit - config.max_new_tokens)
+            if not fits:
+                write(f"(too long: the model's context holds {limit} tokens, and --max-new-tokens "
+                      f"{config.max_new_tokens} of them are kept for the answer; nothing was sent)\n")
+                continue
+            if dropped:
+                write(f"(the model's context holds {limit} tokens: the oldest {dropped} exchange(s) were dropped)\n")
+        params = sampling_params(config, tokenizer, turn)
+        turn += 1
+        write("assistant> ")
+        try:
+            reply = answer(model, tokenizer, messages, params, write)
+        except KeyboardInterrupt:
+            # Ctrl-C stops this answer, not the session; the unanswered message is forgotten.
+            write("\n(interrupted)\n")
+            continue
+        write("\n")
+        history = messages + [{"role": "assistant", "content": reply}]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command.
+
+
+def read_stdin(prompt: str) -> str | None:
+    try:
+        line = input(prompt)
+    except EOFError:
+        return None
+    if not sys.stdin.isatty():
+        # Piped input is not echoed by a terminal; echo it so the transcript reads as a conversation.
+        print(line, flush=True)
+    return line
+
+
+def write_stdout(text: str) -> None:
+    print(text, end="", flush=True)
+
+
+def run(config: ChatConfig) -> int:
+    if not config.model:
+        raise UsageError("give a model: `rlhflab chat DIR` or --model DIR (a model, an adapter, or a run "
+                         "directory like runs/quickstart)")
+    name, chosen = resolve_model(config.model)
+    print(chosen, file=sys.stderr)
+    model, tokenizer = load(name, config)
+    for stream in (sys.stdin, sys.stdout):
+        # A terminal whose encoding cannot show a character should get a placeholder, not a crash.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    print("type /help for commands, /exit or Ctrl-D to quit", file=sys.stderr)
+    try:
+        chat_loop(model, tokenizer, config, read_stdin, write_stdout)
+    except KeyboardInterrupt:
+        print()
+    return 0
