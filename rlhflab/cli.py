@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "rank": ("rlhflab.stages.preference_data:RankConfig", "rlhflab.stages.preference_data:rank_command", "rank sampled answers into pairs or rankings (judge or reward model)"),
     "chat": ("rlhflab.chat:ChatConfig", "rlhflab.chat:run", "talk to a model, an adapter or a run's best policy"),
     "report": ("rlhflab.report:ReportConfig", "rlhflab.report:run", "one self-contained HTML page of a run"),
+    "eval": ("rlhflab.evaluate:EvalConfig", "rlhflab.evaluate:run", "compare models: gold, RM score, win rate, length, diversity, KL"),
     "judge": ("rlhflab.config:JudgeConfig", "rlhflab.commands:judge", "score answers with the toy world's gold judge"),
 }
 

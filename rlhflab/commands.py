@@ -76,14 +76,19 @@ def judge(config) -> int:
 
 def generate_answers(model_name: str, records: list, config) -> list[dict]:
     """Greedy answers of a model (or adapter) to prompt records, as {messages, response, meta} rows."""
-    from rlhflab.data.template import stop_token_ids
-    from rlhflab.engine import SamplingParams, generate_text
     from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokenizer
 
     placement = choose_placement(config.device, config.dtype)
     model = load_causal_lm(model_name, placement, config.trust_remote_code).eval()
     tokenizer = load_tokenizer(model_name, config.trust_remote_code)
-    params = SamplingParams(max_new_tokens=config.max_new_tokens, do_sample=False,
+    return greedy_answers(model, tokenizer, records, config.max_new_tokens, config.batch_size)
+
+
+def greedy_answers(model, tokenizer, records: list, max_new_tokens: int, batch_size: int) -> list[dict]:
+    from rlhflab.data.template import stop_token_ids
+    from rlhflab.engine import SamplingParams, generate_text
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=False,
                             stop_token_ids=tuple(stop_token_ids(tokenizer)))
-    out = generate_text(model, tokenizer, [r.messages for r in records], params, batch_size=config.batch_size)
+    out = generate_text(model, tokenizer, [r.messages for r in records], params, batch_size=batch_size)
     return [{"messages": r.messages, "response": text, "meta": r.meta} for r, text in zip(records, out.texts)]

@@ -1,11 +1,12 @@
 """`rlhflab quickstart`: the whole recipe on the embedded toy world, no download.
 
-world export -> tokenizer -> pretrain -> SFT -> gold-judge eval (the reward model, PPO and DPO
-stages join the pipeline as they land),
-each stage in its own directory under --out. Every step is an ordinary `rlhflab` command, run as
-a user would run it; a step whose directory already holds its finished output is skipped, and an
-interrupted training stage resumes from its last checkpoint. The closing table compares the
-models with the gold judge.
+world export -> tokenizer -> pretrain -> SFT -> reward model (+ audit) -> PPO -> DPO -> eval ->
+report, each stage in its own directory under --out. Every step is an ordinary `rlhflab`
+command, run as a user would run it; a step whose directory already holds its finished output is
+skipped, and an interrupted training stage resumes from its last checkpoint. LoRA is used from
+the reward model on, so PPO holds its four roles on one copy of the SFT weights. The closing
+table compares base, SFT, PPO, DPO and best-of-n (SFT samples picked by the reward model) with
+the gold judge.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ class QuickstartConfig:
 # Per preset: world size, tokenizer vocab, pretraining steps, and each stage's steps.
 PRESETS = {
     "tiny": dict(world="small", vocab=600, model="tiny", block=64, pretrain_steps=30, sft_steps=30,
-                 rm_steps=20, dpo_steps=10, eval_prompts=24),
+                 rm_steps=20, ppo_steps=3, dpo_steps=10, eval_prompts=24, best_of=2),
     "default": dict(world="default", vocab=2048, model="tiny", block=128, pretrain_steps=1000, sft_steps=600,
-                    rm_steps=300, dpo_steps=150, eval_prompts=200),
+                    rm_steps=300, ppo_steps=60, dpo_steps=150, eval_prompts=200, best_of=8),
 }
 
 
@@ -58,6 +59,19 @@ def steps(config: QuickstartConfig) -> list[tuple[str, list[str], Path]]:
         ("sft", ["sft", "--model", str(out / "pretrain"), "--data", str(world / "sft.jsonl"), "--out", str(out / "sft"),
                  "--max-length", "256", "--batch-size", "16", "--lr", "1e-3", "--max-steps", str(p["sft_steps"]),
                  *common], out / "sft" / "summary.json"),
+        ("rm", ["rm", "--model", str(out / "sft"), "--lora", "--lora-r", "32", "--lora-alpha", "64",
+                "--data", str(world / "rankings.jsonl"), "--loss", "ranking", "--harden", "--out", str(out / "rm"),
+                "--batch-size", "4", "--lr", "2e-3", "--max-steps", str(p["rm_steps"]), *common],
+         out / "rm" / "summary.json"),
+        ("audit", ["rm", "audit", "--model", str(out / "rm"), "--prompts", str(world / "eval_prompts.jsonl"),
+                   "--max-rows", "100"], out / "rm" / "audit.json"),
+        ("ppo", ["ppo", "--policy", str(out / "sft"), "--reward", str(out / "rm"), "--lora", "--lora-r", "32",
+                 "--lora-alpha", "64", "--prompts", str(world / "prompts.jsonl"), "--out", str(out / "ppo"),
+                 "--max-steps", str(p["ppo_steps"]), "--lr", "1e-3", "--rollout-prompts", "32", "--mini-batch", "16",
+                 *common[:-2], "--log-every", "1", "--probe-every", "10"], out / "ppo" / "summary.json"),
+        ("dpo", ["dpo", "--policy", str(out / "sft"), "--lora", "--lora-r", "32", "--lora-alpha", "64",
+                 "--data", str(world / "prefs.jsonl"), "--out", str(out / "dpo"), "--max-steps", str(p["dpo_steps"]),
+                 "--lr", "1e-3", "--batch-size", "8", *common], out / "dpo" / "summary.json"),
     ]
 
 
@@ -66,73 +80,88 @@ def run(config: QuickstartConfig) -> int:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    timings = {}
     for name, args, done in steps(config):
         if done.exists():
             print(f"== {name}: done already ({done.parent}), skipped", file=sys.stderr)
             continue
         print(f"== {name}: rlhflab {' '.join(args)}", file=sys.stderr)
-        started = time.perf_counter()
         code = main(args)
         if code != 0:
             print(f"quickstart: stage {name} failed (exit {code}); fix it and run the same command again to "
                   "continue from here", file=sys.stderr)
             return code
-        timings[name] = round(time.perf_counter() - started, 1)
     results = evaluate(config)
     print(format_results(results))
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    from rlhflab.report import ReportConfig
+    from rlhflab.report import run as write_report
+    from rlhflab.runs import atomic_write_json
+
+    atomic_write_json(out / "results.json", results)
     print(f"\nresults: {out / 'results.json'}")
+    write_report(ReportConfig(run_dir=str(out)))
     return 0
 
 
 def evaluate(config: QuickstartConfig) -> dict:
-    """Gold-judge scores of each model on the held-out prompts, plus stage figures."""
-    from rlhflab.commands import generate_answers, load_prompts
-    from rlhflab.runs import atomic_write_text
-    from rlhflab.world import judge_file
+    """Every model on the held-out prompts (gold judge, RM score, win rate against SFT, KL to SFT), plus stage figures."""
+    from rlhflab.commands import load_prompts
+    from rlhflab.evaluate import EvalConfig, best_of_n, evaluate_models
 
     out, p = Path(config.out), PRESETS[config.preset]
-    prompts = load_prompts(str(out / "world" / "eval_prompts.jsonl"))[: p["eval_prompts"]]
+    figures_path = out / "eval" / "figures.json"
+    if figures_path.exists():
+        models = json.loads(figures_path.read_text(encoding="utf-8"))
+    else:
+        prompts = load_prompts(str(out / "world" / "eval_prompts.jsonl"))[: p["eval_prompts"]]
+        paths = {"base" if name == "pretrain" else name: str(out / name)
+                 for name in ("pretrain", "sft", "ppo", "dpo") if (out / name / "summary.json").exists()}
+        eval_config = EvalConfig(model=",".join(f"{k}={v}" for k, v in paths.items()), prompts="",
+                                 judge=f"rm:{out / 'rm'}", reference=str(out / "sft"), baseline=str(out / "sft"),
+                                 seed=config.seed)
+        models = evaluate_models(paths, prompts, eval_config, out / "eval")
+        models["best-of-" + str(p["best_of"])] = best_of_n(str(out / "sft"), str(out / "rm"), prompts, p["best_of"],
+                                                           eval_config, out / "eval")
+        from rlhflab.runs import atomic_write_json
 
-    class Gen:  # generation options for generate_answers
-        device, dtype, trust_remote_code, max_new_tokens, batch_size = "auto", "auto", False, 48, 32
-
-    results = {"models": {}, "stages": {}}
-    for name in ("pretrain", "sft", "dpo"):
-        model_dir = out / name
-        if not (model_dir / "summary.json").exists():
-            continue
-        answers = out / "eval" / f"{name}.jsonl"
-        if not answers.exists():
-            rows = generate_answers(str(model_dir), prompts, Gen)
-            atomic_write_text(answers, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        scored = judge_file(str(answers))
-        rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
-        lengths = [len(r["response"]) for r in rows]
-        results["models"]["base" if name == "pretrain" else name] = {
-            "gold": scored["score"], "facets": scored["facets"],
-            "mean_chars": sum(lengths) / len(lengths), "empty": sum(not r["response"].strip() for r in rows) / len(rows),
-        }
-    for name in ("pretrain", "sft", "rm", "dpo"):
+        atomic_write_json(figures_path, models)
+    results = {"models": models, "stages": {}}
+    for name in ("pretrain", "sft", "rm", "ppo", "dpo"):
         summary = out / name / "summary.json"
         if summary.exists():
             results["stages"][name] = json.loads(summary.read_text(encoding="utf-8"))
+    audit = out / "rm" / "audit.json"
+    if audit.exists():
+        results["audit"] = json.loads(audit.read_text(encoding="utf-8"))
     return results
 
 
 def format_results(results: dict) -> str:
     models = results["models"]
-    facets = sorted({f for m in models.values() for f in m["facets"]})
-    head = f"{'model':<8} {'gold':>6} " + " ".join(f"{f[:10]:>10}" for f in facets) + f" {'chars':>6} {'empty':>6}"
+    facets = ["correct", "language", "polite", "refusal", "concise", "nonrepetitive"]
+    head = (f"{'model':<10} {'gold':>6} " + " ".join(f"{f[:8]:>8}" for f in facets)
+            + f" {'rm':>6} {'win/SFT':>7} {'KL/SFT':>6} {'chars':>6} {'empty':>6}")
     lines = [head, "-" * len(head)]
+
+    def cell(value, fmt, width):
+        return f"{value:>{width}{fmt}}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
+
     for name, m in models.items():
-        lines.append(f"{name:<8} {m['gold']:>6.3f} " + " ".join(f"{m['facets'].get(f, float('nan')):>10.3f}" for f in facets)
-                     + f" {m['mean_chars']:>6.1f} {m['empty']:>6.1%}")
-    rm = results["stages"].get("rm", {})
-    for key in ("eval_gold_accuracy", "eval_accuracy"):
-        if key in rm:
-            lines.append(f"reward model {key}: {rm[key]:.3f}")
-    for name, s in results["stages"].items():
-        lines.append(f"{name:<9} wall {s.get('wall_time_s', 0):7.1f}s  steps {s.get('steps', '-')}")
+        lines.append(f"{name:<10} {cell(m.get('gold'), '.3f', 6)} "
+                     + " ".join(cell(m.get("facets", {}).get(f), ".3f", 8) for f in facets)
+                     + f" {cell(m.get('rm_score'), '.2f', 6)} {cell(m.get('vs_baseline', {}).get('win_rate'), '.1%', 7)}"
+                     + f" {cell(m.get('kl_to_reference'), '.2f', 6)} {cell(m.get('mean_chars'), '.1f', 6)}"
+                     + f" {cell(m.get('empty'), '.1%', 6)}")
+    stages = results["stages"]
+    rm = stages.get("rm", {})
+    if "eval_gold_accuracy" in rm:
+        lines.append(f"reward model: accuracy vs clean gold ranking {rm['eval_gold_accuracy']:.3f}, "
+                     f"vs noisy labels {rm.get('eval_accuracy', float('nan')):.3f}")
+    audit = results.get("audit")
+    if audit:
+        lines.append("reward-model audit: " + ("hackable by " + ", ".join(audit["hackable"]) if audit["hackable"]
+                                               else f"no degenerate answer wins on more than {audit['threshold']:.0%}"))
+    for name in ("ppo",):
+        alarms = stages.get(name, {}).get("alarms") or []
+        lines.append(f"{name} alarms: " + ("; ".join(f"step {a['step']}: {a['message']}" for a in alarms) or "none"))
+    lines.append("wall time: " + ", ".join(f"{name} {s.get('wall_time_s', 0):.0f}s" for name, s in stages.items()))
     return "\n".join(lines)

@@ -89,3 +89,43 @@ def test_bad_options_are_named(sft_and_rm, cli):
     assert result.returncode == 2 and "--n-samples must be >= 2" in result.stderr
     result = cli("ppo", "--policy", sft, "--reward", sft, "--prompts", SAMPLES / "prompts.jsonl", "--lora")
     assert result.returncode == 2 and "LoRA adapter on the same base" in result.stderr
+
+
+def test_seed_001_collapse_to_empty_answers_and_the_eos_guard(tiny_model, tmp_path):
+    """Seed 001: a reward model that scores empty answers highest drives PPO to empty, ever-shorter
+    answers; suppressing EOS at the first position (--min-new-tokens 1) prevents it."""
+    prompts = [json.loads(line) for line in (SAMPLES / "prompts.jsonl").read_text().splitlines()]
+    questions = [p["prompt"] if isinstance(p["prompt"], str) else p["prompt"][-1]["content"] for p in prompts]
+    answers = [json.loads(line)["messages"][-1]["content"]
+               for line in (SAMPLES / "sft_messages.jsonl").read_text().splitlines()]
+    short = ["ok", "好", "yes", "嗯", "sure", "是的"]
+    # SFT: short answers, one in ten empty, so the policy sometimes stops at once (as seed 001's did).
+    sft_rows = [{"messages": [{"role": "user", "content": q},
+                              {"role": "assistant", "content": "" if i % 10 == 0 else short[i % len(short)]}]}
+                for i, q in enumerate(questions)]
+    # The broken reward model: the empty answer always chosen over any real one.
+    pairs = [{"prompt": q, "chosen": "", "rejected": r} for i, q in enumerate(questions)
+             for r in (short[i % len(short)], answers[i % len(answers)], answers[(i + 7) % len(answers)][:12])]
+    for name, rows in (("sft.jsonl", sft_rows), ("pairs.jsonl", pairs)):
+        (tmp_path / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    sft, rm = tmp_path / "sft", tmp_path / "rm"
+    assert main(["sft", "--model", str(tiny_model("llama")), "--data", str(tmp_path / "sft.jsonl"), "--out", str(sft),
+                 "--max-steps", "30", "--lr", "1e-2", "--progress", "false"]) == 0
+    assert main(["rm", "--model", str(sft), "--lora", "--data", str(tmp_path / "pairs.jsonl"), "--out", str(rm),
+                 "--max-steps", "40", "--lr", "1e-2", "--progress", "false"]) == 0
+    runs = {}
+    for guard in ("0", "1"):
+        out = tmp_path / f"ppo-guard{guard}"
+        ppo(sft, rm, out, "--lora", "--min-new-tokens", guard, "--max-steps", 20, "--lr", "1e-2", "--log-every", 1,
+            "--estimator", "rloo", "--n-samples", 4, "--rollout-prompts", 8, "--mini-batch", 16,
+            "--missing-eos-penalty", 10, "--probe-every", 0)
+        runs[guard] = read_metrics(out / "metrics.jsonl")
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    first, last = mean(runs["0"][:5], "empty_rate"), mean(runs["0"][-5:], "empty_rate")
+    trace = [r["empty_rate"] for r in runs["0"]]
+    assert last >= 0.2 and last > first, f"no drift to empty answers without the guard: empty rate {trace}"
+    assert mean(runs["1"], "empty_rate") <= 0.05, [r["empty_rate"] for r in runs["1"]]
+    assert mean(runs["0"][-5:], "response_len") < mean(runs["1"][-5:], "response_len")
