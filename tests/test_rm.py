@@ -67,6 +67,9 @@ def test_harden_adds_degenerate_rejected_answers(tiny_model):
     plain, _ = encode_pair_rows(records[:3], tok, 128, harden=False)
     hard, _ = encode_pair_rows(records[:3], tok, 128, harden=True)
     assert len(as_pairs(plain)) == 3 and len(as_pairs(hard)) == 3 * (1 + 9)
+    some, _ = encode_pair_rows(records[:3], tok, 128, harden=True, harden_kinds=3)
+    assert len(as_pairs(some)) == 3 * (1 + 3)
+    assert len({tuple(row["seqs"][-1]) for row in some}) == 3, "the kinds rotate over the prompts"
 
 
 def test_audit_flags_a_reward_model_that_prefers_short_answers(tiny_model, tmp_path, cli):

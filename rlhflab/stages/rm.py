@@ -38,6 +38,7 @@ class RMConfig(ModelOptions, DataOptions, TrainOptions):
     margin: float = opt(0.0, "Bradley-Terry margin subtracted from r_chosen - r_rejected")
     center_coef: float = opt(0.0, "weight of the term that keeps scores near zero mean")
     harden: bool = opt(False, "add degenerate answers (empty, repeated, filler ...) as extra rejected responses")
+    harden_kinds: int = opt(3, "--harden: degenerate answers added per prompt, rotating over all kinds (0 = all)")
     batch_size: int = opt(8, "pairs (pairwise) or prompts (ranking) per micro-batch")
     lr: float = opt(1e-4, "peak learning rate")
     max_length: int = opt(256, "longest prompt + response in tokens (longer ones keep their start)")
@@ -71,15 +72,22 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return last
 
 
-def encode_pair_rows(records, tokenizer, max_length: int, harden: bool) -> tuple[list[dict], int]:
-    """Each record -> {"seqs": [ids best first], "gold": [...] or None}; returns (rows, truncated)."""
+def encode_pair_rows(records, tokenizer, max_length: int, harden: bool, harden_kinds: int = 0) -> tuple[list[dict], int]:
+    """Each record -> {"seqs": [ids best first], "gold": [...] or None}; returns (rows, truncated).
+
+    Hardening adds `harden_kinds` degenerate answers per prompt (0 = every kind), rotating through
+    the kinds so that each is used equally often over the data.
+    """
     from rlhflab.stages.rm_audit import degenerate_answers
 
     rows, truncated = [], 0
-    for record in records:
+    for index, record in enumerate(records):
         responses = list(record.responses)
         if harden:
-            responses += list(degenerate_answers(record.messages, tokenizer).values())
+            bad = list(degenerate_answers(record.messages, tokenizer).values())
+            if 0 < harden_kinds < len(bad):
+                bad = [bad[(index * harden_kinds + j) % len(bad)] for j in range(harden_kinds)]
+            responses += bad
         seqs = []
         for response in responses:
             enc = encode_chat(tokenizer, record.messages + [{"role": "assistant", "content": response}], max_length)
@@ -110,17 +118,31 @@ def as_pairs(rows: list[dict]) -> list[tuple[list[int], list[int]]]:
     return pairs
 
 
+def score_by_length(seqs: list[list[int]], model, pad_id: int, device, chunk: int = 16) -> torch.Tensor:
+    """(N,) scores in input order, computed in chunks of similar length.
+
+    One padded batch would pad every answer to the longest (a hardening ramble is many times a
+    normal answer); sorting by length first cuts the padded tokens, and the time, several-fold.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    parts = []
+    for start in range(0, len(order), chunk):
+        ids, mask = pad_right([seqs[i] for i in order[start:start + chunk]], pad_id, device)
+        parts.append(model(ids, mask))
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return torch.cat(parts)[inverse.to(device)]
+
+
 def batch_loss(model, items, config, pad_id, device):
     """Loss and metrics of one micro-batch (pairs, or rows for the ranking loss)."""
     if config.loss == "pairwise":
-        ids, mask = pad_right([s for pair in items for s in pair], pad_id, device)
-        scores = model(ids, mask).view(-1, 2)
+        scores = score_by_length([s for pair in items for s in pair], model, pad_id, device).view(-1, 2)
         return losses.bradley_terry_loss(scores[:, 0], scores[:, 1], margin=config.margin or None,
                                          center_coef=config.center_coef)
     # Ranking: all K responses of each prompt in one forward batch; hardening adds worse-than-all answers.
     width = max(len(r["seqs"]) for r in items)
-    ids, mask = pad_right([s for r in items for s in r["seqs"]], pad_id, device)
-    flat = model(ids, mask)
+    flat = score_by_length([s for r in items for s in r["seqs"]], model, pad_id, device)
     scores = torch.zeros(len(items), width, device=device)
     valid = torch.zeros(len(items), width, dtype=torch.bool, device=device)
     start = 0
@@ -142,8 +164,7 @@ def evaluate(model, rows, pad_id, device, batch_size: int = 16) -> dict:
     margins, probs, labels = [], [], []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        ids, mask = pad_right([s for r in chunk for s in r["seqs"][:r["n_real"]]], pad_id, device)
-        flat = model(ids, mask).tolist()
+        flat = score_by_length([s for r in chunk for s in r["seqs"][:r["n_real"]]], model, pad_id, device).tolist()
         offset = 0
         for r in chunk:
             n = r["n_real"]
@@ -183,7 +204,8 @@ def run(config: RMConfig) -> dict:
         eval_records, records = [records[i] for i in order[:n_eval]], [records[i] for i in order[n_eval:]]
     setup = common.prepare_stage(config)
     model, tokenizer, info = build_reward_model(config, setup.placement)
-    train_rows, truncated = encode_pair_rows(records, tokenizer, config.max_length, config.harden)
+    train_rows, truncated = encode_pair_rows(records, tokenizer, config.max_length, config.harden,
+                                               config.harden_kinds)
     eval_rows, _ = encode_pair_rows(eval_records, tokenizer, config.max_length, harden=False)
     items = as_pairs(train_rows) if config.loss == "pairwise" else train_rows
 

@@ -38,10 +38,10 @@ def degenerate_answers(messages: list[dict], tokenizer, reference: str | None = 
         "eos_only": tokenizer.eos_token or "",
         "whitespace": "  \n ",
         "one_token": one,
-        "repeated": phrase * 8,
+        "repeated": phrase * 5,
         "prompt_copy": prompt,
         "wrong_language": ("This is a good question. Let me answer it." if zh else "这是一个好问题,我来回答。"),
-        "ramble": ((reference + " ") if reference else "") + ramble_unit * 6,
+        "ramble": ((reference + " ") if reference else "") + ramble_unit * 3,
         "filler": "好的" if zh else "Thanks!",
     }
 

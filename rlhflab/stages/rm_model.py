@@ -79,12 +79,8 @@ def load_reward_model(path: str, placement, trust_remote_code: bool = False):
 def score_texts(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32, max_length: int = 512) -> list[float]:
     """Scores of full conversations whose last turn is the assistant's answer."""
     from rlhflab.data.template import encode_chat
-    from rlhflab.stages.rm import pad_right
+    from rlhflab.stages.rm import score_by_length
 
     device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(conversations), batch_size):
-        seqs = [encode_chat(tokenizer, c, max_length).input_ids for c in conversations[start:start + batch_size]]
-        ids, mask = pad_right(seqs, tokenizer.pad_token_id, device)
-        out += model(ids, mask).tolist()
-    return out
+    seqs = [encode_chat(tokenizer, c, max_length).input_ids for c in conversations]
+    return score_by_length(seqs, model, tokenizer.pad_token_id, device, chunk=batch_size).tolist()
