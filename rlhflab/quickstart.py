@@ -3,8 +3,10 @@
 world export -> tokenizer -> pretrain -> SFT -> reward model (+ audit) -> PPO -> DPO -> eval ->
 report, each stage in its own directory under --out. Every step is an ordinary `rlhflab`
 command, run as a user would run it; a step whose directory already holds its finished output is
-skipped, and an interrupted training stage resumes from its last checkpoint. LoRA is used from
-the reward model on, so PPO holds its four roles on one copy of the SFT weights. The closing
+skipped, and an interrupted training stage resumes from its last checkpoint. The 1M-parameter
+toy model is fully fine-tuned for the reward model and PPO (a LoRA reward model on it reached
+only ~0.6 gold accuracy against ~0.74 for full fine-tuning at the same step count); DPO uses
+LoRA. The closing
 table compares base, SFT, PPO, DPO and best-of-n (SFT samples picked by the reward model) with
 the gold judge.
 """
@@ -37,7 +39,7 @@ PRESETS = {
     "tiny": dict(world="small", vocab=600, model="tiny", block=64, pretrain_steps=30, sft_steps=30,
                  rm_steps=20, ppo_steps=3, dpo_steps=10, eval_prompts=24, best_of=2),
     "default": dict(world="default", vocab=2048, model="tiny", block=128, pretrain_steps=1000, sft_steps=600,
-                    rm_steps=300, ppo_steps=60, dpo_steps=150, eval_prompts=200, best_of=8),
+                    rm_steps=200, ppo_steps=60, dpo_steps=150, eval_prompts=200, best_of=8),
 }
 
 
@@ -59,15 +61,15 @@ def steps(config: QuickstartConfig) -> list[tuple[str, list[str], Path]]:
         ("sft", ["sft", "--model", str(out / "pretrain"), "--data", str(world / "sft.jsonl"), "--out", str(out / "sft"),
                  "--max-length", "256", "--batch-size", "16", "--lr", "1e-3", "--max-steps", str(p["sft_steps"]),
                  *common], out / "sft" / "summary.json"),
-        ("rm", ["rm", "--model", str(out / "sft"), "--lora", "--lora-r", "32", "--lora-alpha", "64",
-                "--data", str(world / "rankings.jsonl"), "--loss", "ranking", "--harden", "--out", str(out / "rm"),
-                "--batch-size", "4", "--lr", "2e-3", "--max-steps", str(p["rm_steps"]), *common],
+        ("rm", ["rm", "--model", str(out / "sft"), "--data", str(world / "rankings.jsonl"), "--loss", "ranking",
+                "--harden", "--out", str(out / "rm"), "--batch-size", "4", "--lr", "1e-3",
+                "--max-steps", str(p["rm_steps"]), *common],
          out / "rm" / "summary.json"),
         ("audit", ["rm", "audit", "--model", str(out / "rm"), "--prompts", str(world / "eval_prompts.jsonl"),
                    "--max-rows", "100"], out / "rm" / "audit.json"),
-        ("ppo", ["ppo", "--policy", str(out / "sft"), "--reward", str(out / "rm"), "--lora", "--lora-r", "32",
-                 "--lora-alpha", "64", "--prompts", str(world / "prompts.jsonl"), "--out", str(out / "ppo"),
-                 "--max-steps", str(p["ppo_steps"]), "--lr", "1e-3", "--rollout-prompts", "32", "--mini-batch", "16",
+        ("ppo", ["ppo", "--policy", str(out / "sft"), "--reward", str(out / "rm"), "--prompts",
+                 str(world / "prompts.jsonl"), "--out", str(out / "ppo"), "--max-steps", str(p["ppo_steps"]),
+                 "--lr", "3e-4", "--rollout-prompts", "32", "--mini-batch", "16",
                  *common[:-2], "--log-every", "1", "--probe-every", "10"], out / "ppo" / "summary.json"),
         ("dpo", ["dpo", "--policy", str(out / "sft"), "--lora", "--lora-r", "32", "--lora-alpha", "64",
                  "--data", str(world / "prefs.jsonl"), "--out", str(out / "dpo"), "--max-steps", str(p["dpo_steps"]),

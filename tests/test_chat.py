@@ -145,3 +145,48 @@ def test_run_on_piped_stdin(tiny_model, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "you> hello\nassistant> " in captured.out and "you> 你好\nassistant> " in captured.out
     assert "chatting with" in captured.err
+
+
+def test_chat_answers_a_typed_question_in_a_pseudo_terminal(tiny_model):
+    """The user's view: `rlhflab chat MODEL` in a terminal, a question typed, an answer streamed, /exit."""
+    import os
+    import pty
+    import select
+    import subprocess
+
+    from conftest import ROOT
+
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "rlhflab.cli", "chat", str(tiny_model("llama")),
+                                "--max-new-tokens", "6", "--device", "cpu"],
+                               stdin=terminal, stdout=terminal, stderr=terminal, env=env, close_fds=True)
+    os.close(terminal)
+    seen = b""
+
+    def read_until(marker: bytes, count: int, timeout: float = 120.0) -> None:
+        nonlocal seen
+        import time
+
+        deadline = time.monotonic() + timeout
+        while seen.count(marker) < count and time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 1.0)
+            if ready:
+                try:
+                    seen += os.read(controller, 4096)
+                except OSError:
+                    break
+        assert seen.count(marker) >= count, seen.decode(errors="replace")[-2000:]
+
+    try:
+        read_until(b"you> ", 1)
+        os.write(controller, "What is 2 plus 3? 你好\n".encode())
+        read_until(b"you> ", 2)
+        os.write(controller, b"/exit\n")
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        os.close(controller)
+    after_question = seen.split(b"you> ")[1]
+    assert "2 plus 3".encode() in after_question  # the typed line is echoed by the terminal
+    assert len(after_question.strip()) > len("What is 2 plus 3? 你好".encode()), "no answer was shown"
