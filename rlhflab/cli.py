@@ -33,11 +33,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "chat": ("rlhflab.chat:ChatConfig", "rlhflab.chat:run", "talk to a model, an adapter or a run's best policy"),
     "report": ("rlhflab.report:ReportConfig", "rlhflab.report:run", "one self-contained HTML page of a run"),
     "eval": ("rlhflab.evaluate:EvalConfig", "rlhflab.evaluate:run", "compare models: gold, RM score, win rate, length, diversity, KL"),
+    "run": ("rlhflab.pipeline:PipelineConfig", "rlhflab.pipeline:run", "run a pipeline of stages from a YAML file"),
     "judge": ("rlhflab.config:JudgeConfig", "rlhflab.commands:judge", "score answers with the toy world's gold judge"),
 }
 
 # Commands whose first bare argument is an option's value: `rlhflab chat runs/quickstart`.
-POSITIONAL = {"chat": "--model", "report": "--run-dir"}
+POSITIONAL = {"chat": "--model", "report": "--run-dir", "run": "--pipeline"}
 
 
 def _load(path: str):

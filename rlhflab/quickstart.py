@@ -37,9 +37,9 @@ class QuickstartConfig:
 # Per preset: world size, tokenizer vocab, pretraining steps, and each stage's steps.
 PRESETS = {
     "tiny": dict(world="small", vocab=600, model="tiny", block=64, pretrain_steps=30, sft_steps=30,
-                 rm_steps=20, ppo_steps=3, dpo_steps=10, eval_prompts=24, best_of=2),
+                 rm_steps=10, ppo_steps=2, dpo_steps=10, eval_prompts=24, best_of=2),
     "default": dict(world="default", vocab=2048, model="tiny", block=128, pretrain_steps=1000, sft_steps=600,
-                    rm_steps=200, ppo_steps=60, dpo_steps=150, eval_prompts=200, best_of=8),
+                    rm_steps=200, ppo_steps=40, dpo_steps=150, eval_prompts=200, best_of=8),
 }
 
 
@@ -69,11 +69,11 @@ def steps(config: QuickstartConfig) -> list[tuple[str, list[str], Path]]:
                    "--max-rows", "100"], out / "rm" / "audit.json"),
         ("ppo", ["ppo", "--policy", str(out / "sft"), "--reward", str(out / "rm"), "--prompts",
                  str(world / "prompts.jsonl"), "--out", str(out / "ppo"), "--max-steps", str(p["ppo_steps"]),
-                 "--lr", "3e-4", "--rollout-prompts", "32", "--mini-batch", "16",
+                 "--lr", "1e-4", "--kl-coef", "0.2", "--rollout-prompts", "32", "--mini-batch", "16",
                  *common[:-2], "--log-every", "1", "--probe-every", "10"], out / "ppo" / "summary.json"),
         ("dpo", ["dpo", "--policy", str(out / "sft"), "--lora", "--lora-r", "32", "--lora-alpha", "64",
                  "--data", str(world / "prefs.jsonl"), "--out", str(out / "dpo"), "--max-steps", str(p["dpo_steps"]),
-                 "--lr", "1e-3", "--batch-size", "8", *common], out / "dpo" / "summary.json"),
+                 "--loss", "rpo", "--lr", "5e-4", "--batch-size", "8", *common], out / "dpo" / "summary.json"),
     ]
 
 

@@ -1,0 +1,68 @@
+"""`rlhflab run pipeline.yaml`: the worked configs validate; bad files are named; a small pipeline runs and resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rlhflab.cli import main
+from rlhflab.errors import UsageError
+from rlhflab.pipeline import load_pipeline
+
+from conftest import ROOT, SAMPLES
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_there_are_worked_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"qwen2.5-0.5b-lora.yaml", "baichuan-7b-lora-seed001.yaml", "toy-world.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_each_worked_config_validates_without_running(path, capsys):
+    stages = load_pipeline(str(path))
+    assert stages and len({s.name for s in stages}) == len(stages)
+    assert main(["run", str(path), "--dry-run"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == len(stages) and all(line.startswith("rlhflab ") for line in printed)
+    # References to earlier stages are resolved to their directories.
+    assert not any("{" in line for line in printed)
+
+
+@pytest.mark.parametrize("body,message", [
+    ("stages: []", "'stages' must be a non-empty list"),
+    ("stages:\n  - command: sfft", "unknown command 'sfft'"),
+    ("stages:\n  - command: sft\n    options: {lerning_rate: 1}", "stage 1 (sft): unknown option --lerning-rate"),
+    ("stages:\n  - command: rm\n    options: {model: '{sft}', data: x.jsonl}", "{sft} names no earlier stage"),
+    ("stages:\n  - command: sft\n  - command: sft", "a stage called 'sft' exists already"),
+    ("outt: x\nstages: []", "unknown key 'outt'"),
+])
+def test_bad_pipelines_are_named(body, message, tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(body)
+    with pytest.raises(UsageError, match=message.replace("{", r"\{").replace("}", r"\}").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        load_pipeline(str(path))
+
+
+def test_a_small_pipeline_runs_and_skips_finished_stages(tiny_model, tmp_path, capsys):
+    path = tmp_path / "p.yaml"
+    path.write_text(f"""
+out: {tmp_path / 'run'}
+stages:
+  - name: sft
+    command: sft
+    options: {{model: {tiny_model('llama')}, data: {SAMPLES / 'sft_messages.jsonl'}, max_steps: 2, progress: false}}
+  - name: dpo
+    command: dpo
+    options: {{policy: '{{sft}}', data: {SAMPLES / 'pairs.jsonl'}, lora: true, max_steps: 2, progress: false}}
+""")
+    assert main(["run", str(path)]) == 0
+    assert (tmp_path / "run" / "dpo" / "adapter_config.json").exists()
+    stamp = (tmp_path / "run" / "sft" / "summary.json").stat().st_mtime
+    capsys.readouterr()
+    assert main(["run", str(path), "--only", "sft"]) == 0
+    assert "done already" in capsys.readouterr().err
+    assert (tmp_path / "run" / "sft" / "summary.json").stat().st_mtime == stamp
