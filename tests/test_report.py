@@ -110,3 +110,37 @@ def test_out_option_and_bad_directories(run_dir, tmp_path):
         report.run(report.ReportConfig(run_dir=str(run_dir / "sft")))
     with pytest.raises(UsageError, match="give a run directory"):
         report.run(report.ReportConfig())
+
+
+def test_the_page_parses_as_balanced_html(run_dir):
+    """A headless stand-in for opening it in a browser (none is installed here): every element
+    opened is closed in order, and the plots and tables are real elements, not text."""
+    from html.parser import HTMLParser
+
+    void = {"meta", "br", "hr", "img", "input", "link", "col", "wbr"}
+
+    class Strict(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.stack, self.counts, self.errors = [], {}, []
+
+        def handle_starttag(self, tag, attrs):
+            self.counts[tag] = self.counts.get(tag, 0) + 1
+            if tag not in void:
+                self.stack.append(tag)
+
+        def handle_startendtag(self, tag, attrs):
+            self.counts[tag] = self.counts.get(tag, 0) + 1
+
+        def handle_endtag(self, tag):
+            if not self.stack or self.stack[-1] != tag:
+                self.errors.append(f"</{tag}> closes {self.stack[-1] if self.stack else 'nothing'}")
+            else:
+                self.stack.pop()
+
+    parser = Strict()
+    parser.feed(render(run_dir))
+    parser.close()
+    assert not parser.errors and not parser.stack, (parser.errors[:5], parser.stack)
+    assert parser.counts.get("svg", 0) >= 10 and parser.counts.get("table", 0) >= 3
+    assert parser.counts.get("polyline", 0) + parser.counts.get("path", 0) >= 10
