@@ -103,6 +103,10 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # peft asks transformers for a deprecated attribute on every adapter load; the notice is not the user's to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
