@@ -92,3 +92,32 @@ def test_missing_field_is_named(tmp_path, cli, tiny_model):
     result = cli("rm", "--model", tiny_model("llama"), "--data", bad, "--out", tmp_path / "o")
     assert result.returncode == 2 and f"{bad}:2" in result.stderr and "'rejected'" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_length_chunks_bound_the_padding_and_keep_every_index():
+    from rlhflab.stages.rm import length_chunks
+
+    lengths = [5, 50, 6, 48, 7, 200, 5, 51]
+    chunks = length_chunks(lengths, waste=0.15)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    for chunk in chunks:
+        padded = max(lengths[i] for i in chunk) * len(chunk)
+        assert padded <= 1.15 * sum(lengths[i] for i in chunk) or len(chunk) == 1
+    assert length_chunks([10] * 40, most=32) == [list(range(32)), list(range(32, 40))]
+
+
+def test_chunked_scores_equal_one_padded_batch(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhflab.stages.rm import RewardModel, pad_right, score_by_length
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny_model("llama")))
+    model = RewardModel(lm, lm.config.hidden_size).eval()
+    seqs = [[5, 6, 7], [8] * 20, [9, 10], [11] * 7, [12] * 19]
+    with torch.no_grad():
+        ids, mask = pad_right(seqs, 0, "cpu")
+        whole = model(ids, mask)
+        chunked = score_by_length(seqs, model, 0, "cpu")
+    assert torch.allclose(whole, chunked, atol=1e-5)

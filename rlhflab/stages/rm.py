@@ -118,17 +118,33 @@ def as_pairs(rows: list[dict]) -> list[tuple[list[int], list[int]]]:
     return pairs
 
 
-def score_by_length(seqs: list[list[int]], model, pad_id: int, device, chunk: int = 16) -> torch.Tensor:
+def length_chunks(lengths: list[int], waste: float = 0.15, most: int = 32) -> list[list[int]]:
+    """Indices grouped by length so that padding adds at most `waste` to a chunk's real tokens."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    chunks, current, real = [], [], 0
+    for i in order:
+        longest = lengths[i]  # sorted: the newcomer is the longest
+        if current and (longest * (len(current) + 1) > (1 + waste) * (real + longest) or len(current) == most):
+            chunks.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += lengths[i]
+    return chunks + [current] if current else chunks
+
+
+def score_by_length(seqs: list[list[int]], model, pad_id: int, device, most: int = 32) -> torch.Tensor:
     """(N,) scores in input order, computed in chunks of similar length.
 
-    One padded batch would pad every answer to the longest (a hardening ramble is many times a
-    normal answer); sorting by length first cuts the padded tokens, and the time, several-fold.
+    One padded batch pads every answer to the longest (a hardening ramble is many times a normal
+    answer, and even plain preference pairs waste ~50% on padding); chunks of similar length cut
+    the padded tokens, and the time, with the same result.
     """
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    chunks = length_chunks([len(s) for s in seqs], most=most)
     parts = []
-    for start in range(0, len(order), chunk):
-        ids, mask = pad_right([seqs[i] for i in order[start:start + chunk]], pad_id, device)
+    for chunk in chunks:
+        ids, mask = pad_right([seqs[i] for i in chunk], pad_id, device)
         parts.append(model(ids, mask))
+    order = [i for chunk in chunks for i in chunk]
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     return torch.cat(parts)[inverse.to(device)]

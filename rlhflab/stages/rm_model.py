@@ -83,4 +83,4 @@ def score_texts(model, tokenizer, conversations: list[list[dict]], batch_size: i
 
     device = next(model.parameters()).device
     seqs = [encode_chat(tokenizer, c, max_length).input_ids for c in conversations]
-    return score_by_length(seqs, model, tokenizer.pad_token_id, device, chunk=batch_size).tolist()
+    return score_by_length(seqs, model, tokenizer.pad_token_id, device, most=batch_size).tolist()
