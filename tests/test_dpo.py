@@ -140,3 +140,12 @@ def test_bad_input_exits_2_and_writes_nothing(args, message, tiny_model, tmp_pat
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_reference_is_computed_only_for_the_pairs_training_visits(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "few"
+    summary = dpo(out, "--policy", tiny_model("llama"), "--max-steps", 2)
+    cached = load_file(str(out / "ref_logps_round1.safetensors"))["chosen"]
+    assert int(cached.isfinite().sum()) == summary["train_pairs"] == 2 * 4

@@ -201,34 +201,43 @@ class PolicyAndReference:
 
 
 def reference_logps(policy: PolicyAndReference, pairs: list[dict], config, policy_untouched: bool, device,
-                    cache: Path | None = None, show: bool = False) -> dict:
-    """{"chosen": (N,), "rejected": (N,)} reference log-probs of every pair; cached in `cache` when given."""
+                    cache: Path | None = None, show: bool = False, needed: list[int] | None = None) -> dict:
+    """{"chosen": (N,), "rejected": (N,)} reference log-probs, cached in `cache` when given.
+
+    Only the pairs in `needed` (default: all) are computed — training for a few hundred steps on
+    a large file visits a fraction of it; the others stay NaN.
+    """
     from safetensors.torch import load_file, save_file
 
     if config.loss == "simpo":  # reference-free
         zeros = torch.zeros(len(pairs))
         return {"chosen": zeros, "rejected": zeros}
+    needed = sorted(set(range(len(pairs)) if needed is None else needed))
     if cache is not None and cache.is_file():
         cached = load_file(str(cache))
-        if cached["chosen"].shape[0] == len(pairs):
+        if cached["chosen"].shape[0] == len(pairs) and bool(torch.isfinite(cached["chosen"][needed]).all()):
             return cached
-    chosen, rejected = [], []
+    out = {"chosen": torch.full((len(pairs),), float("nan")), "rejected": torch.full((len(pairs),), float("nan"))}
     size = max(1, config.batch_size * 2)
-    bar = common.progress(len(pairs), 0, "reference log-probs", show)
+    bar = common.progress(len(needed), 0, "reference log-probs", show)
     with policy.reference(policy_untouched) as model:
-        for start in range(0, len(pairs), size):
-            c, r, _, _ = sequence_logps(model, pairs[start:start + size], policy.tokenizer.pad_token_id, device)
-            chosen.append(c.cpu())
-            rejected.append(r.cpu())
-            bar.update(len(pairs[start:start + size]))
+        for start in range(0, len(needed), size):
+            chunk = needed[start:start + size]
+            c, r, _, _ = sequence_logps(model, [pairs[i] for i in chunk], policy.tokenizer.pad_token_id, device)
+            out["chosen"][chunk], out["rejected"][chunk] = c.cpu(), r.cpu()
+            bar.update(len(chunk))
     bar.close()
-    out = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp")
         save_file(out, str(tmp))
         tmp.replace(cache)
     return out
+
+
+def planned_indices(order: common.BatchOrder, batches: int) -> list[int]:
+    """Every pair index that `batches` micro-batches of this (fresh) order will visit."""
+    return sorted({i for _ in range(batches) for i in order.next()})
 
 
 def pair_loss(policy_model, pairs, ref: dict, indices: list[int], config, pad_id, device):
@@ -342,13 +351,18 @@ def run(config: DPOConfig) -> dict:
             raise UsageError(f"round {round_no}: no pair has an answer token left after --max-length {config.max_length}")
         return pairs, {**enc_stats, **info}, info
 
+    def order_of(pairs):
+        lengths = [len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in pairs]
+        return common.BatchOrder(lengths, config.batch_size, config.seed + round_no, config.group_by_length)
+
     pairs, enc_stats, round_info = items_of(round_no)
+    steps_per_round = state.get("steps_per_round") or common.total_steps(config, len(pairs))
     ref = reference_logps(policy, pairs, config, untouched, device,
-                          setup.out / f"ref_logps_round{round_no}.safetensors", show)
+                          setup.out / f"ref_logps_round{round_no}.safetensors", show,
+                          planned_indices(order_of(pairs), steps_per_round * config.grad_accum))
     ref_time = time.perf_counter() - ref_started
 
     # Build.
-    steps_per_round = state.get("steps_per_round") or common.total_steps(config, len(pairs))
     steps = steps_per_round * config.rounds
     optimizer = common.make_optimizer(policy.model, config)
     scheduler = common.make_scheduler(optimizer, config, steps)
@@ -356,10 +370,6 @@ def run(config: DPOConfig) -> dict:
     model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
     if config.lora:
         common.checkpoint_trainable_only(accelerator)
-
-    def order_of(pairs):
-        lengths = [len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in pairs]
-        return common.BatchOrder(lengths, config.batch_size, config.seed + round_no, config.group_by_length)
 
     order = order_of(pairs)
     step = common.restore_checkpoint(setup, order, strict=not config.lora) if setup.resume_from else 0
@@ -377,7 +387,8 @@ def run(config: DPOConfig) -> dict:
             pairs, enc_stats, round_info = items_of(round_no)
             extra_started = time.perf_counter()
             ref = reference_logps(policy, pairs, config, False, device,
-                                  setup.out / f"ref_logps_round{round_no}.safetensors", show)
+                                  setup.out / f"ref_logps_round{round_no}.safetensors", show,
+                                  planned_indices(order_of(pairs), steps_per_round * config.grad_accum))
             ref_time += time.perf_counter() - extra_started
             order = order_of(pairs)
             if "mean_sample_score" in round_info:
