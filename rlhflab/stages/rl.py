@@ -189,7 +189,8 @@ def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, mome
     input_ids, attention_mask = gen.sequences()
     prompt_len = gen.prompt_ids.shape[1]
     mask = gen.response_mask.float()                                                   # (B, R)
-    old_logprobs, _ = roles.logprobs("policy", input_ids, attention_mask, prompt_len)
+    # The entropy monitor is read here, without grad, so the update only pays for it when it is a loss term.
+    old_logprobs, entropy = roles.logprobs("policy", input_ids, attention_mask, prompt_len, with_entropy=True)
     ref_logprobs, _ = roles.logprobs("reference", input_ids, attention_mask, prompt_len)
     raw_scores = roles.scores(input_ids, attention_mask).float()                       # (B,)
     scores = raw_scores - config.missing_eos_penalty * (~gen.finished).float()
@@ -227,7 +228,7 @@ def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, mome
         "reward": raw_scores.mean().item(), "reward_normalised": scores.mean().item(),
         "kl_k1": (losses.kl_penalty(old_logprobs, ref_logprobs, kind="k1") * mask).sum(-1).mean().item(),
         "kl_k3": k3.sum(-1).mean().item(), "kl_coef": kl_ctl.value,
-        "response_len": lengths.mean().item(),
+        "response_len": lengths.mean().item(), "entropy": losses.masked_mean(entropy, mask).item(),
         "empty_rate": sum(not t.strip() for t in gen.texts) / len(gen.texts),
         "repetition_rate": sum(repetition(r) > 0.3 for r in responses) / len(responses),
         "truncated_rate": (~gen.finished).float().mean().item(),
@@ -246,10 +247,10 @@ def update(roles, optimizer, accelerator, rollout: Rollout, config: RLConfig, kl
     for _ in range(config.ppo_epochs):
         for idx in torch.randperm(batch).split(config.mini_batch):
             ids, am, mask = rollout.input_ids[idx], rollout.attention_mask[idx], rollout.mask[idx]
-            logprobs, entropy = roles.logprobs("policy", ids, am, rollout.prompt_len, with_entropy=True)
+            logprobs, entropy = roles.logprobs("policy", ids, am, rollout.prompt_len,
+                                               with_entropy=bool(config.entropy_coef))
             loss, metrics = losses.policy_loss(logprobs, rollout.old_logprobs[idx], rollout.advantages[idx], mask,
                                                clip_eps=config.clip_eps)
-            metrics["entropy"] = losses.masked_mean(entropy, mask).item()
             if config.entropy_coef:
                 loss = loss - config.entropy_coef * losses.masked_mean(entropy, mask)
             if config.kl_in_loss:
