@@ -189,10 +189,17 @@ def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, mome
     input_ids, attention_mask = gen.sequences()
     prompt_len = gen.prompt_ids.shape[1]
     mask = gen.response_mask.float()                                                   # (B, R)
-    # The entropy monitor is read here, without grad, so the update only pays for it when it is a loss term.
-    old_logprobs, entropy = roles.logprobs("policy", input_ids, attention_mask, prompt_len, with_entropy=True)
-    ref_logprobs, _ = roles.logprobs("reference", input_ids, attention_mask, prompt_len)
-    raw_scores = roles.scores(input_ids, attention_mask).float()                       # (B,)
+    # The scoring passes go in mini-batches: one pass over every rollout at once would hold
+    # B x T x V logits at a time. The entropy monitor is read here, without grad, so the update
+    # only pays for it when it is a loss term.
+    def passes(fn):
+        parts = [fn(input_ids[i:i + config.mini_batch], attention_mask[i:i + config.mini_batch])
+                 for i in range(0, input_ids.shape[0], config.mini_batch)]
+        return [torch.cat(p) for p in zip(*parts)] if isinstance(parts[0], tuple) else torch.cat(parts)
+
+    old_logprobs, entropy = passes(lambda ids, am: roles.logprobs("policy", ids, am, prompt_len, with_entropy=True))
+    ref_logprobs = passes(lambda ids, am: roles.logprobs("reference", ids, am, prompt_len)[0])
+    raw_scores = passes(lambda ids, am: roles.scores(ids, am)).float()                  # (B,)
     scores = raw_scores - config.missing_eos_penalty * (~gen.finished).float()
     if not torch.isfinite(scores).all():
         raise FloatingPointError("non-finite reward")
@@ -206,7 +213,7 @@ def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, mome
     values = returns = None
     group = config.n_samples
     if config.estimator == "gae":
-        values = roles.values(input_ids, attention_mask, prompt_len).float() * mask
+        values = passes(lambda ids, am: roles.values(ids, am, prompt_len)).float() * mask
         token_rewards = losses.token_rewards(scores, reward_kl, mask, kl_ctl.value)
         advantages, returns = losses.gae(token_rewards, values, mask, config.gamma, config.lam)
     elif config.estimator == "reinforce++":
@@ -256,19 +263,23 @@ def update(roles, optimizer, accelerator, rollout: Rollout, config: RLConfig, kl
             if config.kl_in_loss:
                 kl = losses.kl_penalty(logprobs, rollout.ref_logprobs[idx], kind="k3")
                 loss = loss + kl_ctl.value * losses.masked_mean(kl, mask)
-            if config.estimator == "gae":
-                values = roles.values(ids, am, rollout.prompt_len)
-                vf_loss, vf_metrics = losses.value_loss(values, rollout.values[idx], rollout.returns[idx], mask,
-                                                        clip_eps=config.value_clip)
-                loss = loss + config.vf_coef * vf_loss
-                metrics.update(vf_metrics)
             if ptx is not None:
                 ptx_loss = ptx.loss(roles)
                 loss = loss + config.ptx_coef * ptx_loss
                 metrics["ptx_loss"] = ptx_loss.item()
             if not torch.isfinite(loss):
                 raise FloatingPointError("non-finite loss")
+            # Policy, then critic: each backward frees its graph before the next forward is built,
+            # so the two graphs are never alive at once (the gradients add up the same).
             accelerator.backward(loss)
+            if config.estimator == "gae":
+                values = roles.values(ids, am, rollout.prompt_len)
+                vf_loss, vf_metrics = losses.value_loss(values, rollout.values[idx], rollout.returns[idx], mask,
+                                                        clip_eps=config.value_clip)
+                if not torch.isfinite(vf_loss):
+                    raise FloatingPointError("non-finite value loss")
+                accelerator.backward(config.vf_coef * vf_loss)
+                metrics.update(vf_metrics)
             if config.max_grad_norm:
                 accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                             config.max_grad_norm)
@@ -366,11 +377,10 @@ def run(config: RLConfig) -> dict:
 
     # Build.
     accelerator = setup.accelerator
-    policy_params, critic_params = roles.trainable_parameters("policy"), roles.trainable_parameters("critic")
-    groups = [{"params": policy_params, "lr": config.lr}]
+    groups = [{"params": roles.trainable_parameters("policy"), "lr": config.lr}]
     if config.estimator == "gae":
-        groups.append({"params": critic_params, "lr": config.critic_lr or config.lr})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+        groups.append({"params": roles.trainable_parameters("critic"), "lr": config.critic_lr or config.lr})
+    optimizer = common.adamw(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = common.make_scheduler(optimizer, config, config.max_steps)
     roles, optimizer, scheduler = accelerator.prepare(roles, optimizer, scheduler)
     roles_module = accelerator.unwrap_model(roles)

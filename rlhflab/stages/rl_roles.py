@@ -225,7 +225,9 @@ def load_roles(config, placement):
         reference = clone_frozen(policy)
         reward = clone_frozen(load_causal_lm(rm_dir, placement, config.trust_remote_code))
         critic_source = rm_dir if config.critic_init == "reward" else policy_dir
-        critic = load_causal_lm(critic_source, placement, config.trust_remote_code, train_full=True)
+        # Critic-free estimators never run the critic: do not hold a fourth model for it.
+        critic = (load_causal_lm(critic_source, placement, config.trust_remote_code, train_full=True)
+                  if config.estimator == "gae" else None)
         hidden = policy.config.hidden_size
         score_head = load_score_head(rm_dir, hidden, placement.device)
         value_head = _value_head(hidden, score_head if config.critic_init == "reward" else None, placement.device)

@@ -233,7 +233,9 @@ def run(config: RMConfig) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if config.lora:
         common.checkpoint_trainable_only(accelerator)
-    order = common.BatchOrder([1] * len(items), config.batch_size, config.seed, group_by_length=False)
+    lengths = [sum(map(len, item)) for item in items] if config.loss == "pairwise" else \
+        [sum(map(len, item["seqs"])) for item in items]
+    order = common.BatchOrder(lengths, config.batch_size, config.seed, config.group_by_length)
     metrics_log = common.start_outputs(setup, config)
     step = common.restore_checkpoint(setup, order, strict=not config.lora) if setup.resume_from else 0
     pad_id, device = tokenizer.pad_token_id, accelerator.device
