@@ -113,6 +113,16 @@ def make_scheduler(optimizer, config, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: float):
+    """Clip (when asked), step the optimizer and the schedule, clear the gradients; returns the norm or None."""
+    norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 def total_steps(config, n_rows: int) -> int:
     if config.max_steps > 0:
         return config.max_steps

@@ -400,11 +400,7 @@ def run(config: DPOConfig) -> dict:
             common.check_finite(loss, "the DPO loss", step + 1, last_checkpoint)
             accelerator.backward(loss / config.grad_accum)
             seen_pairs += len(indices)
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        common.optimizer_step(accelerator, model.parameters(), optimizer, scheduler, config.max_grad_norm)
         step += 1
         train_time += time.perf_counter() - started
         window = (window + [row["logps/chosen_shift"]])[-config.log_every:]

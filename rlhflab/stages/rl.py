@@ -280,11 +280,8 @@ def update(roles, optimizer, accelerator, rollout: Rollout, config: RLConfig, kl
                     raise FloatingPointError("non-finite value loss")
                 accelerator.backward(config.vf_coef * vf_loss)
                 metrics.update(vf_metrics)
-            if config.max_grad_norm:
-                accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                            config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            common.optimizer_step(accelerator, [p for g in optimizer.param_groups for p in g["params"]], optimizer,
+                                  None, config.max_grad_norm)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             count += 1

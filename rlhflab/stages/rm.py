@@ -253,11 +253,7 @@ def run(config: RMConfig) -> dict:
             common.check_finite(loss, "the reward-model loss", step + 1, last_checkpoint)
             accelerator.backward(loss / config.grad_accum)
             seen_pairs += len(batch) if config.loss == "pairwise" else int(row["pairs"])
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        common.optimizer_step(accelerator, model.parameters(), optimizer, scheduler, config.max_grad_norm)
         step += 1
         train_time += time.perf_counter() - started
         bar.update(1)

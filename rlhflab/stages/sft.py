@@ -150,10 +150,7 @@ def train_next_token(config, setup, model, tokenizer, train: list[dict], held_ou
                 accelerator.backward(loss_sum / max(n_labels, 1))
             step_loss += loss_sum.item()
             tokens += int(batch["attention_mask"].sum())
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm) if config.max_grad_norm else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = common.optimizer_step(accelerator, model.parameters(), optimizer, scheduler, config.max_grad_norm)
         step += 1
         train_time += time.perf_counter() - started
         loss_value = step_loss / max(n_labels, 1)
