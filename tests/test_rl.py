@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from rlhflab.cli import main
 from rlhflab.runs import read_metrics
@@ -35,7 +36,8 @@ def ppo(sft, rm, out, *extra) -> dict:
 
 
 @pytest.mark.parametrize("estimator,extra", [
-    ("gae", ["--lora"]), ("gae", ["--no-lora"]), ("grpo", ["--lora", "--n-samples", "2"]),
+    ("gae", ["--lora"]), ("gae", ["--no-lora"]), ("gae", ["--lora", "--critic", "shared"]),
+    ("gae", ["--no-lora", "--critic", "shared"]), ("grpo", ["--lora", "--n-samples", "2"]),
     ("rloo", ["--lora", "--n-samples", "2"]), ("reinforce++", ["--lora"]),
 ])
 def test_each_estimator_runs_and_logs_the_monitors(estimator, extra, sft_and_rm, tmp_path):
@@ -129,3 +131,21 @@ def test_seed_001_collapse_to_empty_answers_and_the_eos_guard(tiny_model, tmp_pa
     assert last >= 0.2 and last > first, f"no drift to empty answers without the guard: empty rate {trace}"
     assert mean(runs["1"], "empty_rate") <= 0.05, [r["empty_rate"] for r in runs["1"]]
     assert mean(runs["0"][-5:], "response_len") < mean(runs["1"][-5:], "response_len")
+
+
+def test_shared_critic_is_a_value_head_on_the_policy(sft_and_rm, tmp_path):
+    from rlhflab import config as cfg
+    from rlhflab.models.loading import choose_placement
+    from rlhflab.stages.rl import RLConfig
+    from rlhflab.stages.rl_roles import load_roles
+
+    sft, rm = sft_and_rm
+    config = cfg.build(RLConfig, {}, {"policy": str(sft), "reward": str(rm), "prompts": str(SAMPLES / "prompts.jsonl"),
+                                      "lora": True, "critic": "shared"})
+    roles, _, _ = load_roles(config, choose_placement("cpu", "fp32"))
+    assert not any(".critic." in name for name, _ in roles.lm.named_parameters())
+    assert roles.trainable_parameters("critic") == list(roles.value_head.parameters())
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    logprobs, _, values = roles.policy_and_values(ids, torch.ones_like(ids), prompt_len=2)
+    plain, _ = roles.logprobs("policy", ids, torch.ones_like(ids), prompt_len=2)
+    assert torch.allclose(logprobs, plain) and values.shape == (1, 3)

@@ -100,8 +100,9 @@ class Roles(nn.Module):
 
     def __init__(self, lm, value_head: ValueHead, score_head: nn.Module, *, lora: bool, reference_adapter: str | None,
                  reward_adapter: str | None, critic_adapter: str | None, frozen: dict | None = None,
-                 critic_lm=None):
+                 critic_lm=None, shared_critic: bool = False):
         super().__init__()
+        self.shared_critic = shared_critic  # value head on the policy's body: one forward for both
         self.lm, self.value_head, self.score_head = lm, value_head, score_head
         self.critic_lm = critic_lm  # full mode only: the critic's own (trainable) body
         self.lora = lora
@@ -124,8 +125,20 @@ class Roles(nn.Module):
         with active_adapter(model, adapter) if switch else contextlib.nullcontext():
             return response_logprobs(model, input_ids, attention_mask, prompt_len, with_entropy)
 
+    def policy_and_values(self, input_ids, attention_mask, prompt_len: int, with_entropy: bool = False):
+        """Shared critic: (B, R) log-probs, entropy or None, and values from ONE forward of the policy."""
+        model, adapter, switch = self._role("policy")
+        with active_adapter(model, adapter) if switch else contextlib.nullcontext():
+            out = model(**_forward_kwargs(causal_lm(model), input_ids, attention_mask), output_hidden_states=True)
+        logits = out.logits[:, prompt_len - 1:-1]
+        logprobs = gather_logprobs(logits, input_ids[:, prompt_len:])
+        values = self.value_head(out.hidden_states[-1][:, prompt_len - 1:-1])
+        return logprobs, entropy_from_logits(logits) if with_entropy else None, values
+
     def values(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
         """(B, R) value of the state before each response token."""
+        if self.shared_critic:
+            return self.policy_and_values(input_ids, attention_mask, prompt_len)[2]
         model, adapter, switch = self._role("critic")
         with active_adapter(model, adapter) if switch else contextlib.nullcontext():
             hidden = hidden_states(model, input_ids, attention_mask)
@@ -143,6 +156,8 @@ class Roles(nn.Module):
     def trainable_parameters(self, role: str) -> list[nn.Parameter]:
         if role == "critic":
             params = list(self.value_head.parameters())
+            if self.shared_critic:
+                return params  # the body it reads is the policy's, trained by the policy's group
             if self.lora:
                 params += [p for n, p in self.lm.named_parameters() if f".{self.critic_adapter}." in n]
             else:
@@ -227,12 +242,14 @@ def load_roles(config, placement):
         critic_source = rm_dir if config.critic_init == "reward" else policy_dir
         # Critic-free estimators never run the critic: do not hold a fourth model for it.
         critic = (load_causal_lm(critic_source, placement, config.trust_remote_code, train_full=True)
-                  if config.estimator == "gae" else None)
+                  if config.estimator == "gae" and config.critic == "separate" else None)
         hidden = policy.config.hidden_size
         score_head = load_score_head(rm_dir, hidden, placement.device)
-        value_head = _value_head(hidden, score_head if config.critic_init == "reward" else None, placement.device)
+        from_reward = config.critic_init == "reward" and config.critic == "separate"
+        value_head = _value_head(hidden, score_head if from_reward else None, placement.device)
         roles = Roles(policy, value_head, score_head, lora=False, reference_adapter=None, reward_adapter=None,
-                      critic_adapter=None, frozen={"reference": reference, "reward": reward}, critic_lm=critic)
+                      critic_adapter=None, frozen={"reference": reference, "reward": reward}, critic_lm=critic,
+                      shared_critic=config.critic == "shared")
         return roles, tokenizer, info
 
     if not (rm_is_adapter and _same_path(adapter_base(rm_dir), base_name)):
@@ -256,7 +273,9 @@ def load_roles(config, placement):
     lm.load_adapter(rm_dir, adapter_name="reward", is_trainable=False)
     hidden = base.config.hidden_size
     score_head = load_score_head(rm_dir, hidden, placement.device)
-    if config.critic_init == "reward":
+    if config.critic == "shared":
+        value_head = _value_head(hidden, None, placement.device)  # on the policy's body, not the reward's
+    elif config.critic_init == "reward":
         lm.load_adapter(rm_dir, adapter_name="critic", is_trainable=True)
         value_head = _value_head(hidden, score_head, placement.device)
     else:
@@ -266,7 +285,8 @@ def load_roles(config, placement):
     for name, param in lm.named_parameters():
         param.requires_grad = (".default." in name) or (config.estimator == "gae" and ".critic." in name)
     roles = Roles(lm, value_head, score_head, lora=True, reference_adapter=reference_adapter,
-                  reward_adapter="reward", critic_adapter="critic")
+                  reward_adapter="reward", critic_adapter=None if config.critic == "shared" else "critic",
+                  shared_critic=config.critic == "shared")
     return roles, tokenizer, info
 
 
