@@ -1,0 +1,54 @@
+"""`rlhflab eval`: figures per model, win rate by a reward model, KL to a reference, bad options."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhflab.cli import main
+from rlhflab.evaluate import distinct_n, win_rate, wilson
+
+from conftest import SAMPLES
+
+
+def test_win_rate_counts_ties_half_and_has_an_interval():
+    result = win_rate([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 1.0, 1.0])
+    assert (result["wins"], result["ties"], result["losses"]) == (2, 1, 1)
+    assert result["win_rate"] == pytest.approx(2.5 / 4)
+    low, high = result["ci95"]
+    assert 0.0 <= low < 0.625 < high <= 1.0
+    assert wilson(50, 100)[0] == pytest.approx(0.404, abs=1e-3)
+
+
+def test_distinct_n():
+    assert distinct_n([[1, 2, 3], [1, 2, 4]], 1) == pytest.approx(4 / 6)
+    assert distinct_n([[1, 2, 3], [1, 2, 4]], 2) == pytest.approx(3 / 4)
+
+
+def test_eval_compares_models_against_a_baseline(tiny_model, tmp_path, capsys):
+    model = tiny_model("llama")
+    rm = tmp_path / "rm"
+    assert main(["rm", "--model", str(model), "--data", str(SAMPLES / "pairs.jsonl"), "--out", str(rm),
+                 "--max-steps", "2", "--progress", "false"]) == 0
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--model", f"a={model},b={tiny_model('qwen2')}", "--prompts", str(SAMPLES / "prompts.jsonl"),
+                 "--max-rows", "4", "--max-new-tokens", "6", "--judge", f"rm:{rm}", "--baseline", str(model),
+                 "--reference", str(model), "--out", str(out)])
+    assert code == 0
+    figures = json.loads(out.read_text())["models"]
+    assert set(figures) == {"a", "b"}
+    assert figures["a"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)  # a is the reference itself
+    assert "vs_baseline" in figures["b"] and "vs_baseline" not in figures["a"]  # a is the baseline
+    for name in ("a", "b"):
+        assert {"rm_score", "mean_chars", "distinct_2", "entropy"} <= set(figures[name])
+    assert len((tmp_path / "eval" / "b.jsonl").read_text().splitlines()) == 4
+    assert "KL-ref" in capsys.readouterr().out
+
+
+def test_eval_needs_a_judge_for_a_baseline(tiny_model):
+    from rlhflab.errors import UsageError
+    from rlhflab.cli import parse
+
+    with pytest.raises(UsageError, match="--baseline needs --judge"):
+        parse("eval", ["--model", str(tiny_model("llama")), "--prompts", "p.jsonl", "--baseline", "x"])
