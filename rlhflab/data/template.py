@@ -87,7 +87,7 @@ def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tup
         if message["role"] != "assistant":
             continue
         head = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        upto = render(tokenizer, messages[: i + 1])
+        upto = full if i == len(messages) - 1 else render(tokenizer, messages[: i + 1])
         if not (full.startswith(head) and full.startswith(upto)):
             raise UsageError(
                 "the tokenizer's chat template does not render conversation prefixes "
