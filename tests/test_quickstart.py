@@ -23,3 +23,33 @@ def test_tiny_quickstart_runs_the_pipeline_and_reruns_without_redoing(cli, tmp_p
     again = cli("quickstart", "--preset", "tiny", "--out", out, "--progress", "false", timeout=600)
     assert again.returncode == 0 and "done already" in again.stderr
     assert (out / "sft" / "summary.json").stat().st_mtime == stamp
+
+
+def test_killed_during_ppo_the_rerun_skips_finished_stages(tmp_path):
+    """Kill the quickstart once PPO has started; running it again must not redo the earlier stages."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    out = tmp_path / "qs"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "rlhflab.cli", "quickstart", "--preset", "tiny", "--out", str(out),
+            "--progress", "false"]
+    first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (out / "ppo" / "config.yaml").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert (out / "rm" / "summary.json").exists() and not (out / "dpo" / "summary.json").exists()
+    stamps = {name: (out / name / "summary.json").stat().st_mtime for name in ("pretrain", "sft", "rm")}
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for name in ("world", "tokenizer", "pretrain", "sft", "rm", "audit"):
+        assert f"== {name}: done already" in again.stderr, name
+    assert all((out / name / "summary.json").stat().st_mtime == t for name, t in stamps.items())
+    assert (out / "ppo" / "summary.json").exists() and (out / "results.json").exists()
