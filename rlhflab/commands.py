@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rlhflab.errors import UsageError
@@ -65,9 +64,9 @@ def judge(config) -> int:
             raise UsageError("--model needs --prompts (e.g. eval_prompts.jsonl from `rlhflab world export`)")
         rows = generate_answers(config.model, load_prompts(config.prompts), config)
         out = Path(config.out) if config.out else Path(config.model) / "judge_responses.jsonl"
-        from rlhflab.runs import atomic_write_text
+        from rlhflab.runs import atomic_write_jsonl
 
-        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_jsonl(out, rows)
         result = judge_file(str(out))
         print(f"responses written to {out}")
     print(format_table(result))

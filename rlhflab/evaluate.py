@@ -145,7 +145,7 @@ def entropy_and_kl(model, reference, tokenizer, records, config) -> dict:
 def evaluate_models(models: dict[str, str], records, config, answers_dir: Path | None = None) -> dict:
     """Figures per model (see the module docstring); answers written to answers_dir/NAME.jsonl."""
     from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokenizer
-    from rlhflab.stages.preference_data import write_jsonl
+    from rlhflab.runs import atomic_write_jsonl
     from rlhflab.stages.rm_model import load_reward_model, score_texts
     from rlhflab.commands import greedy_answers
 
@@ -167,7 +167,7 @@ def evaluate_models(models: dict[str, str], records, config, answers_dir: Path |
         rows = greedy_answers(model, tokenizer, records, config.max_new_tokens, config.batch_size)
         texts[name] = [row["response"] for row in rows]
         if answers_dir is not None:
-            write_jsonl(answers_dir / f"{name}.jsonl", rows)
+            atomic_write_jsonl(answers_dir / f"{name}.jsonl", rows)
         figures = answer_figures(records, texts[name], tokenizer)
         figures.update(gold_scores(records, texts[name]) or {})
         if judge_rm is not None:
@@ -188,7 +188,8 @@ def evaluate_models(models: dict[str, str], records, config, answers_dir: Path |
 def best_of_n(policy: str, rm: str, records, n: int, config, answers_dir: Path | None = None) -> dict:
     """Sample n answers per prompt from `policy`, keep the one the reward model scores highest."""
     from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokenizer
-    from rlhflab.stages.preference_data import sample_responses, write_jsonl
+    from rlhflab.runs import atomic_write_jsonl
+    from rlhflab.stages.preference_data import sample_responses
     from rlhflab.stages.rm_model import load_reward_model, score_texts
 
     placement = choose_placement(config.device, config.dtype)
@@ -206,7 +207,7 @@ def best_of_n(policy: str, rm: str, records, n: int, config, answers_dir: Path |
         texts.append(row["responses"][best])
         best_scores.append(mine[best])
     if answers_dir is not None:
-        write_jsonl(answers_dir / f"best-of-{n}.jsonl",
+        atomic_write_jsonl(answers_dir / f"best-of-{n}.jsonl",
                     [{"messages": r.messages, "response": t, "meta": r.meta} for r, t in zip(records, texts)])
     figures = answer_figures(records, texts, tokenizer)
     figures.update(gold_scores(records, texts) or {})

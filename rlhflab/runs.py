@@ -44,6 +44,11 @@ def atomic_write_json(path: str | Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
 
 
+def atomic_write_jsonl(path: str | Path, rows) -> None:
+    """One JSON object per line (UTF-8, unescaped), written atomically."""
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
 def _jsonable(value):
     if isinstance(value, torch.Tensor):
         return value.tolist()

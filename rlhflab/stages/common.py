@@ -58,6 +58,23 @@ def prepare_stage(config) -> Setup:
     return Setup(out, placement, accelerator, resume_from, state)
 
 
+def load_preferences(config) -> tuple[list, list, object]:
+    """(train records, held-out records, read stats) of --data preference pairs or rankings.
+
+    The held-out set is --eval-data, or a seeded --eval-fraction of --data (at least one record
+    when there are two or more).
+    """
+    from rlhflab.data.formats import load_records
+
+    records, stats = load_records(config.data, "preference", config.format, config.skip_bad_rows, config.max_rows)
+    if config.eval_data:
+        held_out, _ = load_records(config.eval_data, "preference", config.format, option="--eval-data")
+        return records, held_out, stats
+    n_eval = max(1, int(len(records) * config.eval_fraction)) if len(records) > 1 else 0
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]], stats
+
+
 def _require(module: str, option: str) -> None:
     try:
         __import__(module)

@@ -275,7 +275,7 @@ def evaluate(model, pairs, ref, config, pad_id, device) -> dict:
 def round_pairs(policy: PolicyAndReference, config, round_no: int, prompts, out: Path) -> tuple[list, dict]:
     """Sample from the current policy, rank, and return pair records; files are reused on resume."""
     from rlhflab.data.formats import Record
-    from rlhflab.stages.preference_data import rank_rows, sample_responses, scorer, write_jsonl
+    from rlhflab.stages.preference_data import rank_rows, sample_responses, scorer
 
     folder = out / f"round-{round_no}"
     pairs_file = folder / "pairs.jsonl"
@@ -285,11 +285,11 @@ def round_pairs(policy: PolicyAndReference, config, round_no: int, prompts, out:
         print(f"round {round_no}: sampling {config.k} answers for {len(chosen)} prompts", file=sys.stderr)
         rows = sample_responses(policy.model, policy.tokenizer, [prompts[i] for i in chosen], config.k,
                                 config.max_new_tokens, config.temperature, 1.0, config.seed + round_no)
-        write_jsonl(folder / "samples.jsonl", rows)
+        runs.atomic_write_jsonl(folder / "samples.jsonl", rows)
         scores = scorer(config.rank_by, policy.placement)(rows)
         ranked, tied = rank_rows(rows, scores, "pairs")
         flat = [s for row in scores for s in row]
-        write_jsonl(pairs_file, ranked)
+        runs.atomic_write_jsonl(pairs_file, ranked)
         runs.atomic_write_json(folder / "round.json", {
             "round": round_no, "prompts": len(rows), "pairs": len(ranked), "tied_prompts": tied,
             "mean_sample_score": sum(flat) / len(flat), "ranked_by": config.rank_by})
@@ -314,13 +314,7 @@ def run(config: DPOConfig) -> dict:
     # Load.
     records, stats, eval_records = [], None, []
     if config.data:
-        records, stats = load_records(config.data, "preference", config.format, config.skip_bad_rows, config.max_rows)
-        if config.eval_data:
-            eval_records, _ = load_records(config.eval_data, "preference", config.format, option="--eval-data")
-        elif len(records) > 1:
-            n_eval = max(1, int(len(records) * config.eval_fraction))
-            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
-            eval_records, records = [records[i] for i in order[:n_eval]], [records[i] for i in order[n_eval:]]
+        records, eval_records, stats = common.load_preferences(config)
     prompts = []
     if config.prompts:
         prompts, _ = load_records(config.prompts, "prompts", option="--prompts")

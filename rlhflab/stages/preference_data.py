@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhflab.config import opt
+from rlhflab.runs import atomic_write_jsonl
 from rlhflab.errors import UsageError
 
 
@@ -122,12 +123,6 @@ def rank_rows(rows: list[dict], scores: list[list[float]], fmt: str) -> tuple[li
     return out, tied
 
 
-def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    from rlhflab.runs import atomic_write_text
-
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def read_rows(path: str) -> list[dict]:
     """Rows of a rankings-shaped file, each checked; errors name the file and line."""
     if not Path(path).is_file():
@@ -164,7 +159,7 @@ def sample_command(config: SampleConfig) -> int:
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     rows = sample_responses(model, tokenizer, records, config.k, config.max_new_tokens, config.temperature,
                             config.top_p, config.seed, config.batch_size)
-    write_jsonl(config.out, rows)
+    atomic_write_jsonl(config.out, rows)
     print(f"{len(rows)} prompts x {config.k} responses written to {config.out}")
     return 0
 
@@ -177,7 +172,7 @@ def rank_command(config: RankConfig) -> int:
     ranked, tied = rank_rows(rows, scores, config.format)
     if not ranked:
         raise UsageError(f"{config.data}: every prompt's responses tied under --by {config.by}; nothing to write")
-    write_jsonl(config.out, ranked)
+    atomic_write_jsonl(config.out, ranked)
     print(f"{len(ranked)} {config.format} written to {config.out} ({tied} prompts dropped: all responses tied)",
           file=sys.stderr)
     return 0

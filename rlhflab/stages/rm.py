@@ -11,18 +11,15 @@ Saved: the HF model files or the peft adapter, plus `score_head.safetensors` and
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from rlhflab import losses, runs
 from rlhflab.config import DataOptions, ModelOptions, TrainOptions, opt
-from rlhflab.data.formats import load_records
 from rlhflab.data.template import encode_chat
 from rlhflab.errors import UsageError
 from rlhflab.stages import common
@@ -211,13 +208,7 @@ def run(config: RMConfig) -> dict:
     # Load.
     if not config.data:
         raise UsageError("give --data (preference pairs or rankings)")
-    records, stats = load_records(config.data, "preference", config.format, config.skip_bad_rows, config.max_rows)
-    if config.eval_data:
-        eval_records, _ = load_records(config.eval_data, "preference", config.format, option="--eval-data")
-    else:
-        n_eval = max(1, int(len(records) * config.eval_fraction)) if len(records) > 1 else 0
-        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
-        eval_records, records = [records[i] for i in order[:n_eval]], [records[i] for i in order[n_eval:]]
+    records, eval_records, stats = common.load_preferences(config)
     setup = common.prepare_stage(config)
     model, tokenizer, info = build_reward_model(config, setup.placement)
     train_rows, truncated = encode_pair_rows(records, tokenizer, config.max_length, config.harden,

@@ -8,7 +8,6 @@ answer scores at least as high. A kind above 5% marks the reward model as hackab
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,7 +157,7 @@ class ScoreConfig:
 def score_command(config: ScoreConfig) -> int:
     from rlhflab.data.formats import load_records
     from rlhflab.models.loading import choose_placement
-    from rlhflab.runs import atomic_write_text
+    from rlhflab.runs import atomic_write_jsonl
     from rlhflab.stages.rm_model import load_reward_model, score_texts
 
     if not config.model or not config.data:
@@ -174,7 +173,7 @@ def score_command(config: ScoreConfig) -> int:
     scores = score_texts(model, tokenizer, [m + [{"role": "assistant", "content": a}] for m, a, _ in items])
     rows = [{"prompt": m, "response": a, "rank": k, "score": s} for (m, a, k), s in zip(items, scores)]
     if config.out:
-        atomic_write_text(config.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_jsonl(config.out, rows)
     print(f"scored {len(rows)} responses: mean {sum(scores) / len(scores):.4f}, "
           f"min {min(scores):.4f}, max {max(scores):.4f}")
     return 0
