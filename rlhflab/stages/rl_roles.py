@@ -27,6 +27,7 @@ from torch import nn
 
 from rlhflab.errors import UsageError
 from rlhflab.losses import entropy_from_logits, gather_logprobs
+from rlhflab.models.heads import causal_lm, logits_at
 
 
 @contextlib.contextmanager
@@ -48,9 +49,11 @@ def active_adapter(model, name: str | None):
             m._active_adapter, m._disable_adapters = active, disabled
 
 
-def causal_lm(model):
-    """The HF causal LM inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def response_selection(input_ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """(B, T) bool: the positions whose logits predict a response token."""
+    select = torch.zeros_like(input_ids, dtype=torch.bool)
+    select[:, prompt_len - 1:-1] = True
+    return select
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -67,8 +70,10 @@ def _forward_kwargs(lm, input_ids, attention_mask) -> dict:
 def response_logprobs(model, input_ids, attention_mask, prompt_len: int, with_entropy: bool = False):
     """(B, R) log p(response token | prefix) in fp32, and optionally the (B, R) entropy."""
     lm = causal_lm(model)
-    logits = model(**_forward_kwargs(lm, input_ids, attention_mask)).logits[:, prompt_len - 1:-1]  # (B, R, V)
+    select = response_selection(input_ids, prompt_len)
+    logits = logits_at(model, select, **_forward_kwargs(lm, input_ids, attention_mask))
     targets = input_ids[:, prompt_len:]
+    logits = logits.view(*targets.shape, -1)                                                 # (B, R, V)
     logprobs = gather_logprobs(logits, targets)
     return (logprobs, entropy_from_logits(logits)) if with_entropy else (logprobs, None)
 
@@ -128,11 +133,14 @@ class Roles(nn.Module):
     def policy_and_values(self, input_ids, attention_mask, prompt_len: int, with_entropy: bool = False):
         """Shared critic: (B, R) log-probs, entropy or None, and values from ONE forward of the policy."""
         model, adapter, switch = self._role("policy")
+        select = response_selection(input_ids, prompt_len)
         with active_adapter(model, adapter) if switch else contextlib.nullcontext():
-            out = model(**_forward_kwargs(causal_lm(model), input_ids, attention_mask), output_hidden_states=True)
-        logits = out.logits[:, prompt_len - 1:-1]
-        logprobs = gather_logprobs(logits, input_ids[:, prompt_len:])
-        values = self.value_head(out.hidden_states[-1][:, prompt_len - 1:-1])
+            logits, hidden = logits_at(model, select, return_hidden=True,
+                                       **_forward_kwargs(causal_lm(model), input_ids, attention_mask))
+        targets = input_ids[:, prompt_len:]
+        logits = logits.view(*targets.shape, -1)
+        logprobs = gather_logprobs(logits, targets)
+        values = self.value_head(hidden[:, prompt_len - 1:-1])
         return logprobs, entropy_from_logits(logits) if with_entropy else None, values
 
     def values(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:

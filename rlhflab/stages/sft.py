@@ -17,6 +17,7 @@ from rlhflab import runs
 from rlhflab.data.formats import load_records
 from rlhflab.data.template import IGNORE_INDEX, encode_chat
 from rlhflab.errors import UsageError
+from rlhflab.models.heads import answer_selection, logits_at
 from rlhflab.models.loading import count_parameters, load_for_training, save_model
 from rlhflab.stages import common
 
@@ -49,13 +50,11 @@ def collate(examples: list[dict], pad_id: int, device) -> dict:
 
 
 def nll_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Summed next-token loss over labelled tokens (fp32) and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, int((targets != IGNORE_INDEX).sum())
+    """Summed next-token loss over labelled tokens (fp32) and their count; the LM head runs only there."""
+    select, targets = answer_selection(batch["labels"], IGNORE_INDEX)
+    logits = logits_at(model, select, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss, targets.numel()
 
 
 @torch.no_grad()
