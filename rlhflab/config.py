@@ -87,6 +87,9 @@ class TrainOptions:
     warmup_ratio: float = opt(0.03, "share of steps spent warming the learning rate up linearly")
     scheduler: str = opt("cosine", "learning-rate decay after warmup", ("cosine", "linear", "constant"))
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = off)")
+    gradient_checkpointing: bool = opt(
+        False, "recompute each layer's activations in the backward pass: far less memory, about a third more compute"
+    )
     group_by_length: bool = opt(True, "batch rows of similar length together to cut padding")
     log_every: int = opt(10, "log metrics every N optimizer steps")
     eval_every: int = opt(0, "evaluate every N steps (0 = only at the end)")

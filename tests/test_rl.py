@@ -39,6 +39,7 @@ def ppo(sft, rm, out, *extra) -> dict:
     ("gae", ["--lora"]), ("gae", ["--no-lora"]), ("gae", ["--lora", "--critic", "shared"]),
     ("gae", ["--no-lora", "--critic", "shared"]), ("grpo", ["--lora", "--n-samples", "2"]),
     ("rloo", ["--lora", "--n-samples", "2"]), ("reinforce++", ["--lora"]),
+    ("gae", ["--lora", "--gradient-checkpointing"]), ("gae", ["--no-lora", "--gradient-checkpointing"]),
 ])
 def test_each_estimator_runs_and_logs_the_monitors(estimator, extra, sft_and_rm, tmp_path):
     sft, rm = sft_and_rm

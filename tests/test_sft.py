@@ -132,3 +132,41 @@ def test_non_finite_loss_stops_with_the_step_named(tiny_model, tmp_path, cli):
     assert result.returncode == 3, result.stderr
     assert "at step" in result.stderr and "not finite" not in result.stdout
     assert not (tmp_path / "nan" / "summary.json").exists()
+
+
+def test_gradient_checkpointing_saves_fewer_activations_and_keeps_the_gradients(tiny_model):
+    """--gradient-checkpointing keeps a fraction of the activations for backward; the gradients match."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhflab.models.loading import enable_gradient_checkpointing
+    from rlhflab.stages.sft import nll_sum
+
+    torch.manual_seed(0)
+    ids = torch.randint(5, 500, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def grads_and_saved_numel(checkpointed: bool):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model("llama"))).train()
+        if checkpointed:
+            assert enable_gradient_checkpointing(torch.nn.ModuleList([model])) == 1
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss, _ = nll_sum(model, batch)
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}, sum(saved)
+
+    plain, plain_saved = grads_and_saved_numel(False)
+    checkpointed, checkpointed_saved = grads_and_saved_numel(True)
+    assert checkpointed_saved < plain_saved / 2
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=name)
+
+
+def test_gradient_checkpointing_leaves_frozen_models_alone(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from rlhflab.models.loading import enable_gradient_checkpointing
+
+    frozen = AutoModelForCausalLM.from_pretrained(str(tiny_model("gpt2"))).requires_grad_(False)
+    assert enable_gradient_checkpointing(frozen) == 0 and not frozen.is_activation_checkpointing

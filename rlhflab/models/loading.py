@@ -140,6 +140,29 @@ def load_causal_lm(name: str, placement: Placement, trust_remote_code: bool = Fa
     return model.to(placement.device)
 
 
+def enable_gradient_checkpointing(module) -> int:
+    """Activation checkpointing on every trainable HF model inside `module`; returns how many.
+
+    Non-reentrant checkpointing, so a LoRA model with frozen embeddings needs no input-grad hook.
+    Only layers in training mode recompute: generation and no-grad passes run as before.
+    """
+    from transformers import PreTrainedModel
+
+    done, seen = 0, set()
+    for sub in module.modules():
+        if id(sub) in seen or not isinstance(sub, PreTrainedModel):
+            continue
+        seen.update(id(m) for m in sub.modules())
+        if not any(p.requires_grad for p in sub.parameters()):
+            continue
+        if not sub.supports_gradient_checkpointing:
+            raise UsageError(f"--gradient-checkpointing: {type(sub).__name__} does not support it")
+        sub.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        sub.config.use_cache = False
+        done += 1
+    return done
+
+
 def resize_for_tokenizer(model, tokenizer) -> bool:
     """Grow the embeddings when the tokenizer got new tokens (pad, chat markers)."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:

@@ -130,6 +130,14 @@ def make_scheduler(optimizer, config, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def checkpoint_activations(model, config) -> None:
+    """--gradient-checkpointing on the trainable models inside `model` (before accelerator.prepare)."""
+    if config.gradient_checkpointing:
+        from rlhflab.models.loading import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
+
+
 def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: float):
     """Clip (when asked), step the optimizer and the schedule, clear the gradients; returns the norm or None."""
     norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None

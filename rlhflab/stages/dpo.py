@@ -363,6 +363,7 @@ def run(config: DPOConfig) -> dict:
     optimizer = common.make_optimizer(policy.model, config)
     scheduler = common.make_scheduler(optimizer, config, steps)
     accelerator = setup.accelerator
+    common.checkpoint_activations(policy.model, config)
     model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
     if config.lora:
         common.checkpoint_trainable_only(accelerator)

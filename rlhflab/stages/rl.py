@@ -395,6 +395,7 @@ def run(config: RLConfig) -> dict:
         groups.append({"params": roles.trainable_parameters("critic"), "lr": config.critic_lr or config.lr})
     optimizer = common.adamw(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = common.make_scheduler(optimizer, config, config.max_steps)
+    common.checkpoint_activations(roles, config)
     roles, optimizer, scheduler = accelerator.prepare(roles, optimizer, scheduler)
     roles_module = accelerator.unwrap_model(roles)
     if config.lora:

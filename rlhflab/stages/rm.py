@@ -35,6 +35,7 @@ class RMConfig(ModelOptions, DataOptions, TrainOptions):
     margin: float = opt(0.0, "Bradley-Terry margin subtracted from r_chosen - r_rejected")
     center_coef: float = opt(0.0, "weight of the term that keeps scores near zero mean")
     harden: bool = opt(False, "add degenerate answers (empty, repeated, filler ...) as extra rejected responses")
+    harden_weight: float = opt(0.3, "--harden: weight of the (best, degenerate) pairs' mean loss beside the real comparisons'")
     harden_kinds: int = opt(3, "--harden: degenerate answers added per prompt, rotating over all kinds (0 = all)")
     batch_size: int = opt(8, "pairs (pairwise) or prompts (ranking) per micro-batch")
     lr: float = opt(1e-4, "peak learning rate")
@@ -105,13 +106,13 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
-def as_pairs(rows: list[dict]) -> list[tuple[list[int], list[int]]]:
-    """Every (better, worse) pair of every row: rankings expand to K-choose-2, hardening adds (best, bad)."""
+def as_pairs(rows: list[dict]) -> list[tuple[list[int], list[int], bool]]:
+    """Every (better, worse, is_hardening) of every row: rankings expand to K-choose-2, hardening adds (best, bad)."""
     pairs = []
     for row in rows:
         seqs, n = row["seqs"], row["n_real"]
-        pairs += [(seqs[i], seqs[j]) for i in range(n) for j in range(i + 1, n)]
-        pairs += [(seqs[0], bad) for bad in seqs[n:]]
+        pairs += [(seqs[i], seqs[j], False) for i in range(n) for j in range(i + 1, n)]
+        pairs += [(seqs[0], bad, True) for bad in seqs[n:]]
     return pairs
 
 
@@ -148,25 +149,45 @@ def score_by_length(seqs: list[list[int]], model, pad_id: int, device, most: int
 
 
 def batch_loss(model, items, config, pad_id, device):
-    """Loss and metrics of one micro-batch (pairs, or rows for the ranking loss)."""
+    """Loss and metrics of one micro-batch (pairs, or rows for the ranking loss).
+
+    Hardening pairs (the best answer over a degenerate one) form their own mean, added with weight
+    --harden-weight: mixed into the ranking they would outnumber the real comparisons (15 of 21
+    pairs with K = 4 and three degenerate answers) and teach little but "longer is better".
+    """
     if config.loss == "pairwise":
-        scores = score_by_length([s for pair in items for s in pair], model, pad_id, device).view(-1, 2)
-        return losses.bradley_terry_loss(scores[:, 0], scores[:, 1], margin=config.margin or None,
-                                         center_coef=config.center_coef)
-    # Ranking: all K responses of each prompt in one forward batch; hardening adds worse-than-all answers.
+        scores = score_by_length([s for pair in items for s in pair[:2]], model, pad_id, device).view(-1, 2)
+        hard = torch.tensor([pair[2] for pair in items], device=device)
+        real = ~hard
+        loss, metrics = losses.bradley_terry_loss(scores[real, 0], scores[real, 1], margin=config.margin or None,
+                                                  center_coef=config.center_coef) if real.any() else (None, {})
+        return _add_hardening(loss, metrics, scores[hard, 0], scores[hard, 1], config.harden_weight)
+    # Ranking: all K responses of each prompt in one forward batch, real ones ranked, degenerate ones last.
     width = max(len(r["seqs"]) for r in items)
     flat = score_by_length([s for r in items for s in r["seqs"]], model, pad_id, device)
     scores = torch.zeros(len(items), width, device=device)
-    valid = torch.zeros(len(items), width, dtype=torch.bool, device=device)
+    real = torch.zeros(len(items), width, dtype=torch.bool, device=device)
+    bad = torch.zeros_like(real)
     start = 0
     for i, r in enumerate(items):
-        k = len(r["seqs"])
-        scores[i, :k], valid[i, :k] = flat[start:start + k], True
+        k, n = len(r["seqs"]), r["n_real"]
+        scores[i, :k], real[i, :n], bad[i, n:k] = flat[start:start + k], True, True
         start += k
-    loss, metrics = losses.ranking_loss(scores, valid)
+    loss, metrics = losses.ranking_loss(scores, real)
     if config.center_coef:
         loss = loss + config.center_coef * (flat ** 2).mean()
-    return loss, metrics
+    best = scores[:, :1].expand_as(scores)
+    return _add_hardening(loss, metrics, best[bad], scores[bad], config.harden_weight)
+
+
+def _add_hardening(loss, metrics: dict, best: torch.Tensor, bad: torch.Tensor, weight: float):
+    if best.numel() == 0:
+        return loss, metrics
+    hard_loss = -torch.nn.functional.logsigmoid(best.float() - bad.float()).mean()
+    metrics = {**metrics, "harden_loss": hard_loss.item(), "harden_accuracy": (best > bad).float().mean().item(),
+               "pairs": metrics.get("pairs", 0.0) + best.numel()}
+    total = weight * hard_loss if loss is None else loss + weight * hard_loss
+    return total, {**metrics, "loss": total.item()}
 
 
 @torch.no_grad()
@@ -221,10 +242,11 @@ def run(config: RMConfig) -> dict:
     optimizer = common.make_optimizer(model, config)
     scheduler = common.make_scheduler(optimizer, config, steps)
     accelerator = setup.accelerator
+    common.checkpoint_activations(model, config)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if config.lora:
         common.checkpoint_trainable_only(accelerator)
-    lengths = [sum(map(len, item)) for item in items] if config.loss == "pairwise" else \
+    lengths = [len(item[0]) + len(item[1]) for item in items] if config.loss == "pairwise" else \
         [sum(map(len, item["seqs"])) for item in items]
     order = common.BatchOrder(lengths, config.batch_size, config.seed, config.group_by_length)
     metrics_log = common.start_outputs(setup, config)

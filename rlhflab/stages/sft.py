@@ -119,6 +119,7 @@ def train_next_token(config, setup, model, tokenizer, train: list[dict], held_ou
     optimizer = common.make_optimizer(model, config)
     scheduler = common.make_scheduler(optimizer, config, steps)
     accelerator = setup.accelerator
+    common.checkpoint_activations(model, config)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if config.lora:
         common.checkpoint_trainable_only(accelerator)
