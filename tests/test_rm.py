@@ -72,6 +72,27 @@ def test_harden_adds_degenerate_rejected_answers(tiny_model):
     assert len({tuple(row["seqs"][-1]) for row in some}) == 3, "the kinds rotate over the prompts"
 
 
+@pytest.mark.parametrize("loss", ["ranking", "pairwise"])
+def test_hardening_pairs_are_their_own_weighted_mean(loss):
+    """loss = real comparisons' mean + harden_weight * mean over (best, degenerate) pairs."""
+    from types import SimpleNamespace
+
+    from rlhflab.losses import ranking_loss
+    from rlhflab.stages.rm import as_pairs, batch_loss
+
+    scores = {(1,): 2.0, (2,): 0.5, (3,): 1.0, (4,): -1.0, (5,): 3.0}     # a sequence's score = a table lookup
+    model = lambda ids, mask: torch.tensor([scores[tuple(row[:1].tolist())] for row in ids])  # noqa: E731
+    rows = [{"seqs": [[1], [2], [3], [4], [5]], "n_real": 3, "gold": None}]   # [4], [5] are degenerate
+    items = as_pairs(rows) if loss == "pairwise" else rows
+    config = SimpleNamespace(loss=loss, margin=0.0, center_coef=0.0, harden_weight=0.3)
+    total, metrics = batch_loss(model, items, config, 0, "cpu")
+
+    real, _ = ranking_loss(torch.tensor([[2.0, 0.5, 1.0]]))                  # 3 real pairs, either way
+    hard = -torch.nn.functional.logsigmoid(torch.tensor([2.0 - -1.0, 2.0 - 3.0])).mean()
+    torch.testing.assert_close(total, real + 0.3 * hard)
+    assert metrics["harden_accuracy"] == 0.5 and metrics["pairs"] == 5
+
+
 def test_audit_flags_a_reward_model_that_prefers_short_answers(tiny_model, tmp_path, cli):
     swapped = tmp_path / "short_wins.jsonl"
     rows = [json.loads(line) for line in (SAMPLES / "pairs.jsonl").read_text().splitlines()]

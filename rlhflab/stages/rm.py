@@ -161,6 +161,7 @@ def batch_loss(model, items, config, pad_id, device):
         real = ~hard
         loss, metrics = losses.bradley_terry_loss(scores[real, 0], scores[real, 1], margin=config.margin or None,
                                                   center_coef=config.center_coef) if real.any() else (None, {})
+        metrics = {**metrics, "pairs": float(real.sum())}
         return _add_hardening(loss, metrics, scores[hard, 0], scores[hard, 1], config.harden_weight)
     # Ranking: all K responses of each prompt in one forward batch, real ones ranked, degenerate ones last.
     width = max(len(r["seqs"]) for r in items)
