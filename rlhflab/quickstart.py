@@ -37,9 +37,9 @@ class QuickstartConfig:
 # Per preset: world size, tokenizer vocab, pretraining steps, and each stage's steps.
 PRESETS = {
     "tiny": dict(world="small", vocab=600, model="tiny", block=64, pretrain_steps=30, sft_steps=30,
-                 rm_steps=10, ppo_steps=2, dpo_steps=10, eval_prompts=24, best_of=2),
+                 rm_steps=10, rm_batch=4, ppo_steps=2, dpo_steps=10, eval_prompts=24, best_of=2),
     "default": dict(world="default", vocab=2048, model="tiny", block=128, pretrain_steps=1000, sft_steps=600,
-                    rm_steps=200, ppo_steps=40, dpo_steps=150, eval_prompts=200, best_of=8),
+                    rm_steps=300, rm_batch=8, ppo_steps=40, dpo_steps=150, eval_prompts=200, best_of=8),
 }
 
 
@@ -62,7 +62,7 @@ def steps(config: QuickstartConfig) -> list[tuple[str, list[str], Path]]:
                  "--max-length", "256", "--batch-size", "16", "--lr", "1e-3", "--max-steps", str(p["sft_steps"]),
                  *common], out / "sft" / "summary.json"),
         ("rm", ["rm", "--model", str(out / "sft"), "--data", str(world / "rankings.jsonl"), "--loss", "ranking",
-                "--harden", "--out", str(out / "rm"), "--batch-size", "4", "--lr", "1e-3",
+                "--harden", "--out", str(out / "rm"), "--batch-size", str(p["rm_batch"]), "--lr", "1e-3",
                 "--max-steps", str(p["rm_steps"]), *common],
          out / "rm" / "summary.json"),
         ("audit", ["rm", "audit", "--model", str(out / "rm"), "--prompts", str(world / "eval_prompts.jsonl"),

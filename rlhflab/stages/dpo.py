@@ -221,10 +221,13 @@ def reference_logps(policy: PolicyAndReference, pairs: list[dict], config, polic
             return cached
     out = {"chosen": torch.full((len(pairs),), float("nan")), "rejected": torch.full((len(pairs),), float("nan"))}
     size = max(1, config.batch_size * 2)
+    # Chunks of similar length: chosen and rejected of a chunk are padded to its longest answer.
+    by_length = sorted(needed, key=lambda i: max(len(pairs[i]["chosen"]["input_ids"]),
+                                                 len(pairs[i]["rejected"]["input_ids"])))
     bar = common.progress(len(needed), 0, "reference log-probs", show)
     with policy.reference(policy_untouched) as model:
-        for start in range(0, len(needed), size):
-            chunk = needed[start:start + size]
+        for start in range(0, len(by_length), size):
+            chunk = by_length[start:start + size]
             c, r, _, _ = sequence_logps(model, [pairs[i] for i in chunk], policy.tokenizer.pad_token_id, device)
             out["chosen"][chunk], out["rejected"][chunk] = c.cpu(), r.cpu()
             bar.update(len(chunk))

@@ -35,7 +35,7 @@ class RMConfig(ModelOptions, DataOptions, TrainOptions):
     margin: float = opt(0.0, "Bradley-Terry margin subtracted from r_chosen - r_rejected")
     center_coef: float = opt(0.0, "weight of the term that keeps scores near zero mean")
     harden: bool = opt(False, "add degenerate answers (empty, repeated, filler ...) as extra rejected responses")
-    harden_weight: float = opt(0.3, "--harden: weight of the (best, degenerate) pairs' mean loss beside the real comparisons'")
+    harden_weight: float = opt(0.1, "--harden: weight of the (best, degenerate) pairs' mean loss beside the real comparisons'")
     harden_kinds: int = opt(3, "--harden: degenerate answers added per prompt, rotating over all kinds (0 = all)")
     batch_size: int = opt(8, "pairs (pairwise) or prompts (ranking) per micro-batch")
     lr: float = opt(1e-4, "peak learning rate")
