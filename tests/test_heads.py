@@ -98,3 +98,20 @@ def test_selected_head_through_a_lora_adapter_gets_gradients(tiny_model):
     logits.logsumexp(-1).sum().backward()
     grads = [p.grad for name, p in model.named_parameters() if "lora_" in name]
     assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_right_padded_rows_need_no_padding_mask(arch, tiny_model):
+    """Right padding: the real positions' logits are the same without the mask (causal attention)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhflab.models.heads import padding_mask_for
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model(arch))).eval()
+    ids, mask, _ = _batch(model.config.vocab_size, model.config.pad_token_id)
+    assert padding_mask_for(mask) is None
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert padding_mask_for(left) is left
+    with_mask = model(input_ids=ids, attention_mask=mask).logits
+    without = model(input_ids=ids, attention_mask=padding_mask_for(mask)).logits
+    torch.testing.assert_close(without[mask.bool()], with_mask[mask.bool()])

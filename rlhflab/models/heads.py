@@ -55,3 +55,16 @@ def answer_selection(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Ten
     select = torch.zeros_like(labels, dtype=torch.bool)
     select[:, :-1] = labelled
     return select, targets[labelled]
+
+
+def padding_mask_for(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask to give the model: None when every row is right-padded.
+
+    Causal attention already keeps each real token from seeing the pads after it, so the outputs
+    at real positions are the same without the mask, and attention can take its fused causal path
+    (no (B, 1, T, T) mask built per layer; on a GPU, the flash kernel). Positions are unchanged:
+    right padding numbers the real tokens 0..n-1 either way. Left-padded rows keep their mask.
+    """
+    if attention_mask.shape[1] < 2 or bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        return None
+    return attention_mask

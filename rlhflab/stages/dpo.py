@@ -116,12 +116,13 @@ def encode_pairs(records, tokenizer, max_length: int, from_rankings: str) -> tup
 
 def sequence_logps(model, pairs: list[dict], pad_id: int, device) -> tuple[torch.Tensor, ...]:
     """One forward pass over chosen + rejected: (chosen, rejected) summed log-probs and token counts, (B,)."""
-    from rlhflab.models.heads import answer_selection, logits_at
+    from rlhflab.models.heads import answer_selection, logits_at, padding_mask_for
     from rlhflab.stages.sft import collate
 
     batch = collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id, device)
     select, targets = answer_selection(batch["labels"], IGNORE_INDEX)
-    logits = logits_at(model, select, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = logits_at(model, select, input_ids=batch["input_ids"],
+                       attention_mask=padding_mask_for(batch["attention_mask"]))
     token_logps = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")   # (N,)
     rows = select.nonzero()[:, 0]
     logps = torch.zeros(select.shape[0], dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)

@@ -61,8 +61,9 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_kwargs(lm, input_ids, attention_mask) -> dict:
+    """Forward arguments; with attention_mask None (right padding, see heads.padding_mask_for) no positions."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if "position_ids" in inspect.signature(lm.forward).parameters:
+    if attention_mask is not None and "position_ids" in inspect.signature(lm.forward).parameters:
         kwargs["position_ids"] = position_ids(attention_mask)
     return kwargs
 

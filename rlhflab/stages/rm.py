@@ -54,9 +54,10 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B,) scores read at the last real token of each row (left or right padding)."""
+        from rlhflab.models.heads import padding_mask_for
         from rlhflab.stages.rl_roles import hidden_states
 
-        hidden = hidden_states(self.lm, input_ids, attention_mask)                  # (B, T, H)
+        hidden = hidden_states(self.lm, input_ids, padding_mask_for(attention_mask))   # (B, T, H)
         last = last_token_index(attention_mask)
         return self.score_head(hidden[torch.arange(hidden.shape[0]), last].float()).squeeze(-1)
 

@@ -17,7 +17,7 @@ from rlhflab import runs
 from rlhflab.data.formats import load_records
 from rlhflab.data.template import IGNORE_INDEX, encode_chat
 from rlhflab.errors import UsageError
-from rlhflab.models.heads import answer_selection, logits_at
+from rlhflab.models.heads import answer_selection, logits_at, padding_mask_for
 from rlhflab.models.loading import count_parameters, load_for_training, save_model
 from rlhflab.stages import common
 
@@ -52,7 +52,8 @@ def collate(examples: list[dict], pad_id: int, device) -> dict:
 def nll_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over labelled tokens (fp32) and their count; the LM head runs only there."""
     select, targets = answer_selection(batch["labels"], IGNORE_INDEX)
-    logits = logits_at(model, select, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = logits_at(model, select, input_ids=batch["input_ids"],
+                       attention_mask=padding_mask_for(batch["attention_mask"]))
     loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
     return loss, targets.numel()
 
