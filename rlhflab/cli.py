@@ -71,7 +71,7 @@ def build_parser(command: str, config_cls) -> argparse.ArgumentParser:
             parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const",
                                 const="false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         else:
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="VALUE",
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="VALUE", action="append",
                                 help=_help_text(f))
     return parser
 
@@ -89,6 +89,13 @@ def parse(command: str, argv: list[str]):
             raise UsageError(f"unknown option {flag} for `rlhflab {command}`" + cfg.suggest(flag, valid))
         raise UsageError(f"unexpected argument {bad!r} for `rlhflab {command}` (options look like --name value)")
     cli_values = vars(known)
+    for f in cfg.fields_of(config_cls):
+        values = cli_values.get(f.name)
+        if isinstance(values, list):  # non-bool options are collected with action="append"
+            if len(values) > 1 and not f.metadata.get("repeatable"):
+                raise UsageError(f"--{f.name.replace('_', '-')} is given {len(values)} times "
+                                 f"({', '.join(values)}): give it once")
+            cli_values[f.name] = ",".join(values)
     yaml_path = cli_values.pop("config", None)
     yaml_values = cfg.load_yaml(yaml_path) if yaml_path else {}
     return cfg.build(config_cls, yaml_values, cli_values, yaml_path)

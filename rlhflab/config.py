@@ -20,9 +20,10 @@ import yaml
 from rlhflab.errors import UsageError
 
 
-def opt(default, help: str, choices: tuple | None = None):
-    """A config field with its help text (and allowed values)."""
-    meta = {"help": help, "choices": choices}
+def opt(default, help: str, choices: tuple | None = None, repeatable: bool = False):
+    """A config field with its help text (and allowed values). A repeatable option may be given
+    several times on the command line; its values are joined with commas."""
+    meta = {"help": help, "choices": choices, "repeatable": repeatable}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)

@@ -25,7 +25,8 @@ class EvalConfig:
     """Compare models on held-out prompts: gold score, RM score, win rate, length, diversity, KL."""
 
     stage = "eval"
-    model: str | None = opt(None, "models to compare, comma-separated (directories or adapters); NAME=PATH names one")
+    model: str | None = opt(None, "models to compare (directories or adapters): repeat --model or separate with "
+                                  "commas; NAME=PATH names one", repeatable=True)
     prompts: str | None = opt(None, "prompts file (toy-world ones get the gold judge)")
     baseline: str | None = opt(None, "model that the others' win rate is measured against (needs --judge)")
     judge: str | None = opt(None, "reward model that scores answers, as rm:DIR")
@@ -34,7 +35,8 @@ class EvalConfig:
     max_new_tokens: int = opt(48, "longest answer")
     batch_size: int = opt(32, "prompts generated at once")
     seed: int = opt(0, "seed of the sampled answers used for entropy and KL")
-    out: str | None = opt(None, "write the figures (JSON) here, and the answers beside it")
+    out: str | None = opt(None, "write the figures here (a .json file, or a directory that gets figures.json), "
+                                   "and each model's answers beside them as NAME.jsonl")
     trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
     device: str = opt("auto", "where to run", ("auto", "cpu", "cuda"))
     dtype: str = opt("auto", "weights dtype", ("auto", "fp32", "bf16", "fp16"))
@@ -243,7 +245,9 @@ def run(config: EvalConfig) -> int:
     if config.max_rows:
         records = records[: config.max_rows]
     out = Path(config.out) if config.out else None
-    results = evaluate_models(models, records, config, out.with_suffix("") if out else None)
+    if out is not None and (out.is_dir() or not out.suffix):
+        out = out / "figures.json"          # a directory: the figures inside it, the answers beside them
+    results = evaluate_models(models, records, config, out.parent if out else None)
     print(format_table(results))
     if out is not None:
         atomic_write_json(out, {"prompts": config.prompts, "n": len(records), "models": results})

@@ -37,6 +37,13 @@ def test_bad_values_name_the_option_and_allowed_values():
         parse("sft", ["--batch-size", "0"])
 
 
+def test_an_option_given_twice_is_an_error_unless_repeatable():
+    with pytest.raises(UsageError, match=r"--lr is given 2 times \(1e-4, 1e-3\): give it once"):
+        parse("sft", ["--model", "m", "--data", "d", "--lr", "1e-4", "--lr", "1e-3"])
+    config = parse("eval", ["--model", "a=x", "--model", "b=y,c=z", "--prompts", "p.jsonl"])
+    assert config.model == "a=x,b=y,c=z"
+
+
 def test_yaml_then_cli_override_and_unknown_yaml_key(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("lr: 0.001\nbatch-size: 4\nlora: true\n")

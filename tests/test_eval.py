@@ -31,12 +31,12 @@ def test_eval_compares_models_against_a_baseline(tiny_model, tmp_path, capsys):
     rm = tmp_path / "rm"
     assert main(["rm", "--model", str(model), "--data", str(SAMPLES / "pairs.jsonl"), "--out", str(rm),
                  "--max-steps", "2", "--progress", "false"]) == 0
-    out = tmp_path / "eval.json"
-    code = main(["eval", "--model", f"a={model},b={tiny_model('qwen2')}", "--prompts", str(SAMPLES / "prompts.jsonl"),
+    out = tmp_path / "eval"                 # a directory: figures.json inside, the answers beside it
+    code = main(["eval", "--model", f"a={model}", "--model", f"b={tiny_model('qwen2')}", "--prompts", str(SAMPLES / "prompts.jsonl"),
                  "--max-rows", "4", "--max-new-tokens", "6", "--judge", f"rm:{rm}", "--baseline", str(model),
                  "--reference", str(model), "--out", str(out)])
     assert code == 0
-    figures = json.loads(out.read_text())["models"]
+    figures = json.loads((out / "figures.json").read_text())["models"]
     assert set(figures) == {"a", "b"}
     assert figures["a"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)  # a is the reference itself
     assert "vs_baseline" in figures["b"] and "vs_baseline" not in figures["a"]  # a is the baseline

@@ -134,6 +134,33 @@ def test_seed_001_collapse_to_empty_answers_and_the_eos_guard(tiny_model, tmp_pa
     assert mean(runs["0"][-5:], "response_len") < mean(runs["1"][-5:], "response_len")
 
 
+@pytest.mark.parametrize("mode", ["--lora", "--no-lora"])
+def test_the_gold_judge_as_reward(mode, sft_and_rm, tmp_path):
+    """--reward judge: no reward model; each rollout's reward is the toy world's gold score."""
+    from rlhflab.world import tasks
+
+    sft, _ = sft_and_rm
+    prompts = tmp_path / "world_prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in tasks.make_prompts("train", 8)),
+                       encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["ppo", "--policy", str(sft), "--reward", "judge", "--prompts", str(prompts), "--out", str(out),
+                 mode, "--max-new-tokens", "8", "--rollout-prompts", "4", "--mini-batch", "4", "--max-steps", "2",
+                 "--probe-every", "1", "--progress", "false", "--log-every", "1"]) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert len(rows) == 2 and all(r["reward"] == pytest.approx(r["gold"], abs=1e-6) for r in rows), rows
+    probes = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert probes and all(p["reward"] == pytest.approx(p["gold"], abs=1e-4) for p in probes)
+
+
+def test_the_gold_judge_as_reward_needs_world_prompts(sft_and_rm, tmp_path, cli):
+    sft, _ = sft_and_rm
+    result = cli("ppo", "--policy", sft, "--reward", "judge", "--prompts", SAMPLES / "prompts.jsonl",
+                 "--out", tmp_path / "run", "--max-steps", 1)
+    assert result.returncode != 0 and "--reward judge" in result.stderr and "meta.family" in result.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
 def test_shared_critic_is_a_value_head_on_the_policy(sft_and_rm, tmp_path):
     from rlhflab import config as cfg
     from rlhflab.models.loading import choose_placement

@@ -38,7 +38,8 @@ class RLConfig(ModelOptions, TrainOptions):
 
     stage = "ppo"
     policy: str | None = opt(None, "the SFT model (directory or adapter): initial policy and the reference")
-    reward: str | None = opt(None, "reward model directory written by `rlhflab rm`")
+    reward: str | None = opt(None, "reward model directory written by `rlhflab rm`, or 'judge': the toy world's "
+                                   "gold judge as a programmatic reward (toy-world prompts; the critic starts from SFT)")
     prompts: str | None = opt(None, "prompts file (prompts/messages/pairs/rankings formats are accepted)")
     estimator: str = opt("gae", "advantages: gae (PPO with a critic), grpo, rloo, reinforce++",
                          ("gae", "grpo", "rloo", "reinforce++"))
@@ -106,6 +107,9 @@ class RLConfig(ModelOptions, TrainOptions):
     @property
     def kl_in_loss(self) -> bool:
         return self.kl_mode == "loss" or (self.kl_mode == "auto" and self.estimator == "grpo")
+
+
+JUDGE = "judge"  # --reward judge: the toy world's gold judge instead of a reward model
 
 
 @dataclass
@@ -208,7 +212,10 @@ def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, mome
         old_logprobs, entropy = passes(
             lambda ids, am: roles.logprobs("policy", ids, am, prompt_len, with_entropy=True))
     ref_logprobs = passes(lambda ids, am: roles.logprobs("reference", ids, am, prompt_len)[0])
-    raw_scores = passes(lambda ids, am: roles.scores(ids, am)).float()                  # (B,)
+    if config.reward == JUDGE:
+        raw_scores = torch.tensor(judge_scores(records, gen.texts), device=mask.device)
+    else:
+        raw_scores = passes(lambda ids, am: roles.scores(ids, am)).float()              # (B,)
     scores = raw_scores - config.missing_eos_penalty * (~gen.finished).float()
     if not torch.isfinite(scores).all():
         raise FloatingPointError("non-finite reward")
@@ -352,19 +359,27 @@ def write_probes(path: Path, roles, tokenizer, probes, config: RLConfig, step: i
     from rlhflab.data.template import encode_prompt, stop_token_ids
     from rlhflab.engine import SamplingParams, generate
     from rlhflab.stages.rl_roles import active_adapter
+    from rlhflab.world import judge
 
     params = SamplingParams(max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
                             do_sample=False, stop_token_ids=tuple(stop_token_ids(tokenizer)))
     with active_adapter(roles.lm, "default") if roles.lora else contextlib.nullcontext():
         gen = generate(roles.lm, tokenizer, [encode_prompt(tokenizer, r.messages) for r in probes], params, step=step)
     ids, mask = gen.sequences()
-    scores = roles.scores(ids, mask).tolist()
+    scores = judge_scores(probes, gen.texts) if config.reward == JUDGE else roles.scores(ids, mask).tolist()
     with path.open("a", encoding="utf-8") as handle:
         for record, text, score in zip(probes, gen.texts, scores):
             row = {"step": step, "prompt": record.messages[-1]["content"], "response": text, "reward": round(score, 4)}
             if gold.world:
                 row["gold"] = round(gold.judge(record.messages, text, record.meta).score, 4)
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def judge_scores(records, texts: list[str]) -> list[float]:
+    """--reward judge: the toy world's gold score of each answer."""
+    from rlhflab.world import judge
+
+    return [judge(r.messages, text, r.meta).score for r, text in zip(records, texts)]
 
 
 def dump_nonfinite(out: Path, step: int, records, reason: str) -> None:
@@ -386,6 +401,9 @@ def run(config: RLConfig) -> dict:
     setup = common.prepare_stage(config)
     roles, tokenizer, info = load_roles(config, setup.placement)
     gold = GoldSignal(records, load_judge_rm(config.judge_rm, setup.placement) if config.judge_rm else None)
+    if config.reward == JUDGE and not gold.world:
+        raise UsageError(f"--reward judge scores answers with the toy world's judge, but {config.prompts} has "
+                         "prompts without a toy-world meta.family (export them with `rlhflab world export`)")
     probes = probe_records(records, gold.world)
 
     # Build.

@@ -115,7 +115,8 @@ class Roles(nn.Module):
         self.reference_adapter, self.reward_adapter, self.critic_adapter = reference_adapter, reward_adapter, critic_adapter
         # Full mode: {"reference": model, "reward": model}; frozen, so not registered as submodules.
         self.__dict__["frozen"] = frozen or {}
-        self.score_head.requires_grad_(False)
+        if self.score_head is not None:  # None: the reward is a program (--reward judge), not a model
+            self.score_head.requires_grad_(False)
 
     def _role(self, role: str):
         """(model, adapter name or None, use-adapter flag) for a role."""
@@ -233,35 +234,39 @@ def load_roles(config, placement):
 
     from rlhflab.models.loading import adapter_base, is_adapter_dir, load_causal_lm, load_tokenizer
 
-    policy_dir, rm_dir = config.policy or config.model, config.reward
+    policy_dir = config.policy or config.model
+    rm_dir = None if config.reward == "judge" else config.reward   # the judge needs no model, and no critic init
+    critic_init = config.critic_init if rm_dir else "sft"
     for option, path in (("--policy", policy_dir), ("--reward", rm_dir)):
-        if not Path(path).is_dir():
+        if path is not None and not Path(path).is_dir():
             raise UsageError(f"{option} {path}: no such directory")
     tokenizer = load_tokenizer(config.tokenizer or policy_dir, config.trust_remote_code, config.chat_template)
     tokenizer.padding_side = "left"
     policy_is_adapter = is_adapter_dir(policy_dir)
     base_name = adapter_base(policy_dir) if policy_is_adapter else policy_dir
-    rm_is_adapter = is_adapter_dir(rm_dir)
+    rm_is_adapter = rm_dir is not None and is_adapter_dir(rm_dir)
     info = {"base": base_name, "policy_is_adapter": policy_is_adapter}
 
     if not config.lora:
         policy = load_causal_lm(policy_dir, placement, config.trust_remote_code, train_full=True)
         reference = clone_frozen(policy)
-        reward = clone_frozen(load_causal_lm(rm_dir, placement, config.trust_remote_code))
-        critic_source = rm_dir if config.critic_init == "reward" else policy_dir
+        frozen = {"reference": reference}
+        if rm_dir:
+            frozen["reward"] = clone_frozen(load_causal_lm(rm_dir, placement, config.trust_remote_code))
+        critic_source = rm_dir if critic_init == "reward" else policy_dir
         # Critic-free estimators never run the critic: do not hold a fourth model for it.
         critic = (load_causal_lm(critic_source, placement, config.trust_remote_code, train_full=True)
                   if config.estimator == "gae" and config.critic == "separate" else None)
         hidden = policy.config.hidden_size
-        score_head = load_score_head(rm_dir, hidden, placement.device)
-        from_reward = config.critic_init == "reward" and config.critic == "separate"
+        score_head = load_score_head(rm_dir, hidden, placement.device) if rm_dir else None
+        from_reward = critic_init == "reward" and config.critic == "separate"
         value_head = _value_head(hidden, score_head if from_reward else None, placement.device)
         roles = Roles(policy, value_head, score_head, lora=False, reference_adapter=None, reward_adapter=None,
-                      critic_adapter=None, frozen={"reference": reference, "reward": reward}, critic_lm=critic,
+                      critic_adapter=None, frozen=frozen, critic_lm=critic,
                       shared_critic=config.critic == "shared")
         return roles, tokenizer, info
 
-    if not (rm_is_adapter and _same_path(adapter_base(rm_dir), base_name)):
+    if rm_dir and not (rm_is_adapter and _same_path(adapter_base(rm_dir), base_name)):
         raise UsageError(
             f"--lora keeps one copy of the base weights, so the reward model must be a LoRA adapter on the same "
             f"base as the policy ({base_name}); {rm_dir} is "
@@ -279,12 +284,14 @@ def load_roles(config, placement):
                            target_modules=targets, task_type="CAUSAL_LM")
         lm = get_peft_model(base, fresh, adapter_name="default")
         reference_adapter = None  # the SFT weights are the base: adapters off
-    lm.load_adapter(rm_dir, adapter_name="reward", is_trainable=False)
     hidden = base.config.hidden_size
-    score_head = load_score_head(rm_dir, hidden, placement.device)
+    score_head = None
+    if rm_dir:
+        lm.load_adapter(rm_dir, adapter_name="reward", is_trainable=False)
+        score_head = load_score_head(rm_dir, hidden, placement.device)
     if config.critic == "shared":
         value_head = _value_head(hidden, None, placement.device)  # on the policy's body, not the reward's
-    elif config.critic_init == "reward":
+    elif critic_init == "reward":
         lm.load_adapter(rm_dir, adapter_name="critic", is_trainable=True)
         value_head = _value_head(hidden, score_head, placement.device)
     else:
@@ -294,7 +301,8 @@ def load_roles(config, placement):
     for name, param in lm.named_parameters():
         param.requires_grad = (".default." in name) or (config.estimator == "gae" and ".critic." in name)
     roles = Roles(lm, value_head, score_head, lora=True, reference_adapter=reference_adapter,
-                  reward_adapter="reward", critic_adapter=None if config.critic == "shared" else "critic",
+                  reward_adapter="reward" if rm_dir else None,
+                  critic_adapter=None if config.critic == "shared" else "critic",
                   shared_critic=config.critic == "shared")
     return roles, tokenizer, info
 
