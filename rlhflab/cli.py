@@ -92,10 +92,8 @@ def parse(command: str, argv: list[str]):
     for f in cfg.fields_of(config_cls):
         values = cli_values.get(f.name)
         if isinstance(values, list):  # non-bool options are collected with action="append"
-            if len(values) > 1 and not f.metadata.get("repeatable"):
-                raise UsageError(f"--{f.name.replace('_', '-')} is given {len(values)} times "
-                                 f"({', '.join(values)}): give it once")
-            cli_values[f.name] = ",".join(values)
+            # A repeatable option accumulates; any other takes its last value (so scripts can override).
+            cli_values[f.name] = ",".join(values) if f.metadata.get("repeatable") else values[-1]
     yaml_path = cli_values.pop("config", None)
     yaml_values = cfg.load_yaml(yaml_path) if yaml_path else {}
     return cfg.build(config_cls, yaml_values, cli_values, yaml_path)
