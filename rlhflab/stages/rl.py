@@ -359,7 +359,6 @@ def write_probes(path: Path, roles, tokenizer, probes, config: RLConfig, step: i
     from rlhflab.data.template import encode_prompt, stop_token_ids
     from rlhflab.engine import SamplingParams, generate
     from rlhflab.stages.rl_roles import active_adapter
-    from rlhflab.world import judge
 
     params = SamplingParams(max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
                             do_sample=False, stop_token_ids=tuple(stop_token_ids(tokenizer)))
