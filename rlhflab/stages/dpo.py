@@ -124,9 +124,9 @@ def sequence_logps(model, pairs: list[dict], pad_id: int, device) -> tuple[torch
     logits = logits_at(model, select, input_ids=batch["input_ids"],
                        attention_mask=padding_mask_for(batch["attention_mask"]))
     token_logps = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")   # (N,)
-    rows = select.nonzero()[:, 0]
-    logps = torch.zeros(select.shape[0], dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
-    counts = select.sum(-1)
+    per_position = torch.zeros(select.shape, dtype=token_logps.dtype, device=token_logps.device)
+    per_position[select] = token_logps
+    logps, counts = per_position.sum(-1), select.sum(-1)
     b = len(pairs)
     return logps[:b], logps[b:], counts[:b], counts[b:]
 

@@ -397,12 +397,12 @@ def run(config: RLConfig) -> dict:
 
     # Load.
     records, stats = load_records(config.prompts, "prompts", option="--prompts", max_rows=config.max_rows)
+    if config.reward == JUDGE and not GoldSignal(records).world:  # before anything is loaded or written
+        raise UsageError(f"--reward judge scores answers with the toy world's judge, but {config.prompts} has "
+                         "prompts without a toy-world meta.family (export them with `rlhflab world export`)")
     setup = common.prepare_stage(config)
     roles, tokenizer, info = load_roles(config, setup.placement)
     gold = GoldSignal(records, load_judge_rm(config.judge_rm, setup.placement) if config.judge_rm else None)
-    if config.reward == JUDGE and not gold.world:
-        raise UsageError(f"--reward judge scores answers with the toy world's judge, but {config.prompts} has "
-                         "prompts without a toy-world meta.family (export them with `rlhflab world export`)")
     probes = probe_records(records, gold.world)
 
     # Build.
