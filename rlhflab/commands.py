@@ -33,12 +33,14 @@ def tokenizer_train(config) -> int:
 
 
 def world_export(config) -> int:
-    """`rlhflab world export --out DIR [--seed S] [--size small|default]`."""
+    """`rlhflab world export --out DIR [--seed S] [--size small|default] [--habit-rate H]`."""
     from rlhflab.world import export
 
     if not config.out:
         raise UsageError("give --out (the directory to write the world's files into)")
-    result = export(config.out, seed=config.seed, size=config.size)
+    if not 0.0 <= config.habit_rate <= 1.0:
+        raise UsageError(f"--habit-rate must be between 0 and 1, got {config.habit_rate}")
+    result = export(config.out, seed=config.seed, size=config.size, habit_rate=config.habit_rate)
     for name, info in result.items():
         print(f"{name}: {info}")
     return 0

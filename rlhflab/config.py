@@ -276,6 +276,8 @@ class WorldExportConfig:
     out: str | None = opt(None, "output directory")
     seed: int = opt(0, "world seed: the same seed writes the same files")
     size: str = opt("default", "how much data", ("small", "default"))
+    habit_rate: float = opt(0.0, "how often the demonstrator falls into its habits (complying with harmful "
+                                 "requests, answering Chinese in English); 0 = independent flaws only")
 
 
 @dataclass

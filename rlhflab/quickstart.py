@@ -31,6 +31,8 @@ class QuickstartConfig:
     preset: str = opt("default", "how big: tiny (~1 min, for tests) or default (~10 min)", ("tiny", "default"))
     out: str = opt("runs/quickstart", "directory for every stage of the run")
     seed: int = opt(0, "seed of the world and of every stage")
+    habit_rate: float = opt(0.0, "the toy world's demonstrator habits (`rlhflab world export --habit-rate`); "
+                                 "0.6 gives SFT habits for RLHF to fix")
     progress: bool = opt(True, "show progress bars")
 
 
@@ -50,7 +52,8 @@ def steps(config: QuickstartConfig) -> list[tuple[str, list[str], Path]]:
     common = ["--seed", seed, "--progress", str(config.progress).lower(), "--save-every", "50",
               "--resume", "auto", "--log-every", "10"]
     return [
-        ("world", ["world", "export", "--out", str(world), "--size", p["world"], "--seed", seed],
+        ("world", ["world", "export", "--out", str(world), "--size", p["world"], "--seed", seed,
+                   "--habit-rate", str(config.habit_rate)],
          world / "manifest.json"),
         ("tokenizer", ["tokenizer", "train", "--corpus", f"{world / 'corpus.txt'},{world / 'sft.jsonl'}",
                        "--vocab-size", str(p["vocab"]), "--out", str(tok)], tok / "tokenizer.json"),

@@ -267,7 +267,7 @@ def test_probe_prompts():
 def test_demonstrator_flaw_rate():
     records = tasks.make_prompts("train", 4000, seed=2)
     rng = random.Random(0)
-    kinds = [demonstrator.demonstrate_with_kind(r, rng)[1] for r in records]
+    kinds = [demonstrator.demonstrate_with_kind(r, rng, habit_rate=0)[1] for r in records]
     flawed = sum(kind != "good" for kind in kinds) / len(kinds)
     assert abs(flawed - demonstrator.FLAW_RATE) < 0.03
     assert "comply" in kinds and "wrong_value" in kinds
@@ -275,10 +275,42 @@ def test_demonstrator_flaw_rate():
     rng = random.Random(0)
     scores = {"good": [], "flawed": []}
     for record in records[:1000]:
-        answer, kind = demonstrator.demonstrate_with_kind(record, rng)
+        answer, kind = demonstrator.demonstrate_with_kind(record, rng, habit_rate=0)
         scores["good" if kind == "good" else "flawed"].append(judge(record["messages"], answer).score)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert mean(scores["good"]) > 0.95 and mean(scores["flawed"]) < 0.75
+
+
+def test_demonstrator_habits():
+    """Habits: complying with harmful requests and answering Chinese in English, each at the
+    habit rate on top of the independent flaws; English benign prompts are untouched."""
+    records = tasks.make_prompts("train", 6000, seed=5)
+    rng = random.Random(1)
+    rate = 0.6
+    kinds = {"zh": [], "harmful": [], "en": []}
+    for record in records:
+        kind = demonstrator.demonstrate_with_kind(record, rng, habit_rate=rate)[1]
+        meta = record["meta"]
+        kinds["harmful" if meta["harmful"] else meta["lang"]].append(kind)
+    share = lambda group, kind: kinds[group].count(kind) / len(kinds[group])  # noqa: E731
+    flaw = demonstrator.FLAW_RATE
+    assert share("harmful", "comply") == pytest.approx(
+        rate + (1 - rate) * flaw * demonstrator.HARMFUL_FLAW_WEIGHTS["comply"], abs=0.05)
+    assert share("zh", "wrong_language") == pytest.approx(
+        rate + (1 - rate) * flaw * demonstrator.FLAW_WEIGHTS["wrong_language"], abs=0.03)
+    assert share("en", "wrong_language") == pytest.approx(flaw * demonstrator.FLAW_WEIGHTS["wrong_language"], abs=0.02)
+    assert share("en", "good") == pytest.approx(1 - flaw, abs=0.03)
+    # a habitual English answer to a Chinese prompt is scored as the wrong language
+    zh = next(r for r in records if r["meta"]["lang"] == "zh" and not r["meta"]["harmful"])
+    answer = demonstrator.render(zh, "wrong_language", random.Random(0))
+    assert judge(zh["messages"], answer).facets["language"] == 0.0
+    # rate 0 draws nothing extra: the habit-free world is reproduced exactly
+    probe = random.Random(9)
+    state = probe.getstate()
+    assert demonstrator.habit(zh["meta"], probe, 0.0) is None and probe.getstate() == state
+    assert demonstrator.habit(zh["meta"], probe, 1.0) == "wrong_language"
+    with pytest.raises(ValueError, match="habit_rate"):
+        demonstrator.demonstrate(zh, rng, habit_rate=1.5)
 
 
 def test_candidates_are_distinct_and_never_empty(train_prompts):
@@ -361,6 +393,26 @@ def test_export_is_deterministic(tmp_path):
         a, b, c = ((tmp_path / d / name).read_bytes() for d in "abc")
         assert a == b, name
         assert a != c, name
+
+
+def test_export_with_habits_from_the_cli(tmp_path, capsys):
+    from rlhflab.cli import main
+
+    assert main(["world", "export", "--out", str(tmp_path / "h"), "--size", "small", "--habit-rate", "0.6"]) == 0
+    manifest = json.loads((tmp_path / "h" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["habit_rate"] == 0.6
+    sft = [json.loads(line) for line in (tmp_path / "h" / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
+    zh = [row["meta"]["demo_kind"] for row in sft if row["meta"]["lang"] == "zh" and not row["meta"]["harmful"]]
+    assert zh.count("wrong_language") / len(zh) > 0.5
+    # the habits reach the preference candidates too: English answers to Chinese prompts, ranked low
+    rankings = [json.loads(line) for line in (tmp_path / "h" / "rankings.jsonl").read_text(encoding="utf-8").splitlines()]
+    zh_rankings = [r for r in rankings if r["meta"]["lang"] == "zh" and not r["meta"]["harmful"]]
+    english = sum(not any("\u4e00" <= ch <= "\u9fff" for ch in text) for r in zh_rankings for text in r["responses"])
+    assert english / (4 * len(zh_rankings)) > 0.3
+    # a bad rate: a clear error, a non-zero exit, nothing written
+    assert main(["world", "export", "--out", str(tmp_path / "bad"), "--habit-rate", "1.5"]) != 0
+    assert "--habit-rate" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_judge_file_and_table(tmp_path):

@@ -17,6 +17,17 @@ harmful prompts). Kinds of answer:
     comply          (harmful prompts) "Sure, here is how to ...": vague compliance
     refuse          (candidates only, benign prompts) a needless refusal
 
+Habits. Flaws drawn afresh for every answer do not survive imitation: the SFT model's most
+likely answer is the good one, greedy decoding picks it, and RLHF is left nothing to fix but
+the model's knowledge. Real demonstrators also have habits, flaws they repeat on every prompt
+of a kind, which SFT copies faithfully and which people comparing answers still dislike (seed
+001's contractors; DeepSeek-R1 needed a language-consistency reward because its model mixed
+languages). With `habit_rate` h (default HABIT_RATE = 0: no habits) the demonstrator
+answers a harmful request helpfully ("comply") with probability h, and a Chinese prompt in
+English ("wrong_language") with probability h; otherwise it answers as above. Preference
+candidates carry the same habits, as samples from a policy trained on these demonstrations
+would.
+
 No kind ever produces an empty or whitespace-only answer: preferences built from these
 candidates must never contain one (the reward-model audit relies on it).
 """
@@ -28,6 +39,7 @@ import random
 from . import tables, tasks
 
 FLAW_RATE = 0.35
+HABIT_RATE = 0.0   # the default world has no habits; 0.6 is the rate measured in the README
 FLAW_WEIGHTS = {"wrong_value": 0.30, "wrong_language": 0.15, "rude": 0.12,
                 "repetitive": 0.15, "filler": 0.14, "verbose": 0.14}
 HARMFUL_FLAW_WEIGHTS = {"comply": 0.40, "wrong_language": 0.15, "rude": 0.12,
@@ -178,34 +190,58 @@ def render(record: dict, kind: str, rng: random.Random) -> str:
     raise ValueError(f"unknown answer kind {kind!r}; expected one of {KINDS}")
 
 
-def demonstrate_with_kind(record: dict, rng: random.Random) -> tuple[str, str]:
-    """(answer, kind): good with probability 1 - FLAW_RATE, else a flaw drawn by weight."""
+def _check_habit_rate(habit_rate: float) -> None:
+    if not 0.0 <= habit_rate <= 1.0:
+        raise ValueError(f"habit_rate must be in [0, 1], got {habit_rate}")
+
+
+def habit(meta: dict, rng: random.Random, habit_rate: float = HABIT_RATE) -> str | None:
+    """The habitual flaw this answer falls into, if any (see the module docstring). At rate 0
+    no random number is drawn, so the world's files are those of the habit-free world."""
+    if habit_rate <= 0.0:
+        return None
+    if meta.get("harmful") and rng.random() < habit_rate:
+        return "comply"
+    if meta.get("lang") == "zh" and rng.random() < habit_rate:
+        return "wrong_language"
+    return None
+
+
+def demonstrate_with_kind(record: dict, rng: random.Random,
+                          habit_rate: float = HABIT_RATE) -> tuple[str, str]:
+    """(answer, kind): a habit (see the module docstring), else good with probability
+    1 - FLAW_RATE, else a flaw drawn by weight."""
+    _check_habit_rate(habit_rate)
     _, _, _, meta = _task(record)
-    if rng.random() >= FLAW_RATE:
+    kind = habit(meta, rng, habit_rate)
+    if kind is None and rng.random() >= FLAW_RATE:
         kind = "good"
-    else:
+    elif kind is None:
         weights = HARMFUL_FLAW_WEIGHTS if meta.get("harmful") else FLAW_WEIGHTS
         kind = rng.choices(list(weights), list(weights.values()))[0]
     return render(record, kind, rng), kind
 
 
-def demonstrate(record: dict, rng: random.Random) -> str:
-    """The demonstrator's answer to a world prompt record (flawed with probability 0.35)."""
-    return demonstrate_with_kind(record, rng)[0]
+def demonstrate(record: dict, rng: random.Random, habit_rate: float = HABIT_RATE) -> str:
+    """The demonstrator's answer to a world prompt record (habits, then flaws at FLAW_RATE)."""
+    return demonstrate_with_kind(record, rng, habit_rate)[0]
 
 
-def candidates(record: dict, rng: random.Random, k: int = 4, with_kinds: bool = False):
+def candidates(record: dict, rng: random.Random, k: int = 4, with_kinds: bool = False,
+               habit_rate: float = HABIT_RATE):
     """`k` distinct, never-empty answers of mixed quality for preference data.
 
-    Kinds are drawn from CANDIDATE_WEIGHTS ("comply" only for harmful prompts, "refuse" only
-    for benign ones, where a refusal is the good answer anyway)."""
+    Each draw is a habit with the demonstrator's probability, else a kind drawn from
+    CANDIDATE_WEIGHTS ("comply" only for harmful prompts, "refuse" only for benign ones, where
+    a refusal is the good answer anyway)."""
+    _check_habit_rate(habit_rate)
     _, _, _, meta = _task(record)
     harmful = bool(meta.get("harmful"))
     kinds = [kind for kind in CANDIDATE_WEIGHTS if kind != ("refuse" if harmful else "comply")]
     weights = [CANDIDATE_WEIGHTS[kind] for kind in kinds]
     chosen: dict[str, str] = {}
     for _ in range(50 * k):
-        kind = rng.choices(kinds, weights)[0]
+        kind = habit(meta, rng, habit_rate) or rng.choices(kinds, weights)[0]
         text = render(record, kind, rng)
         if text.strip() and text not in chosen:
             chosen[text] = kind

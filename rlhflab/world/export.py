@@ -18,7 +18,7 @@ rankings.jsonl       {"prompt": [messages], "responses": [K strings, annotator's
 prompts.jsonl        {"messages": [...], "meta": {...}} training-split prompts for RL.
 eval_prompts.jsonl   the same shape, held-out split (no country, word, harmful topic,
                      phrasing or operand tuple in common with the files above).
-manifest.json        seed, size, counts, the annotator temperature and agreement.
+manifest.json        seed, size, habit rate, counts, the annotator temperature and agreement.
 
 Prompt meta fields: family (one of tasks.FAMILIES), lang ("en" | "zh", the language of the
 last user turn, which the answer must use), harmful (bool), answer (canonical answer string),
@@ -66,12 +66,12 @@ def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def sft_rows(n: int, seed: int | str = 0) -> list[dict]:
+def sft_rows(n: int, seed: int | str = 0, habit_rate: float = demonstrator.HABIT_RATE) -> list[dict]:
     """`n` SFT conversations on training prompts, answered by the demonstrator."""
     rng = random.Random(f"sft:{seed}")
     rows = []
     for record in tasks.make_prompts("train", n, seed=f"{seed}:sft"):
-        answer, kind = demonstrator.demonstrate_with_kind(record, rng)
+        answer, kind = demonstrator.demonstrate_with_kind(record, rng, habit_rate)
         meta = dict(record["meta"], demo_kind=kind)
         rows.append({"messages": record["messages"] + [{"role": "assistant", "content": answer}],
                      "meta": meta})
@@ -92,19 +92,22 @@ def probe_prompts(lang_mix: float = 0.5) -> list[dict]:
 
 
 def export(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
-           agreement: float = DEFAULT_AGREEMENT, k: int = 4) -> dict:
+           agreement: float = DEFAULT_AGREEMENT, k: int = 4,
+           habit_rate: float = demonstrator.HABIT_RATE) -> dict:
     """Write all world files to `out_dir`; return {"paths", "counts", "stats", "seconds"}."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    if not 0.0 <= habit_rate <= 1.0:
+        raise ValueError(f"habit_rate must be in [0, 1], got {habit_rate}")
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = SIZES[size]
     prefs = build_preferences(tasks.make_prompts("train", n["rankings"], seed=f"{seed}:prefs"),
-                              seed=seed, k=k, agreement=agreement)
+                              seed=seed, k=k, agreement=agreement, habit_rate=habit_rate)
     contents = {
         "corpus.txt": corpus_text(seed, size),
-        "sft.jsonl": sft_rows(n["sft"], seed),
+        "sft.jsonl": sft_rows(n["sft"], seed, habit_rate),
         "prefs.jsonl": prefs["pairs"],
         "rankings.jsonl": prefs["rankings"],
         "prompts.jsonl": tasks.make_prompts("train", n["rl"], seed=f"{seed}:rl"),
@@ -120,7 +123,7 @@ def export(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
             _atomic_write(path, _jsonl(content))
             counts[name] = len(content)            # rows
         paths[name] = str(path)
-    manifest = {"seed": seed, "size": size, "counts": counts, "preferences": prefs["stats"]}
+    manifest = {"seed": seed, "size": size, "habit_rate": habit_rate, "counts": counts, "preferences": prefs["stats"]}
     _atomic_write(out / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
     paths["manifest.json"] = str(out / "manifest.json")
     return {"paths": paths, "counts": counts, "stats": prefs["stats"],
