@@ -132,12 +132,12 @@ def workloads(quick: bool) -> list[Workload]:
             parity=False,
             notes="a step = 16 prompts, one sample each of exactly 32 tokens, reward model, GAE, 4 epochs of "
                   "mini-batches of 4; full fine-tuning"),
-        Workload(
-            "ppo-lora-memory", "llama-100m", "peak_rss_mib", 0.6, ["sft-100m-lora", "rm-100m-lora"],
+        *[Workload(
+            name, "llama-100m", "peak_rss_mib", 0.6, ["sft-100m-lora", "rm-100m-lora"],
             Side("rlhflab", ["ppo", "--lora", "true", "--estimator", "gae", "--policy", "{sft-100m-lora}",
                              "--reward", "{rm-100m-lora}", "--prompts", "{world}/prompts.jsonl", "--out", "{out}",
                              "--rollout-prompts", "16", "--mini-batch", "4", "--ppo-epochs", "1", "--max-steps", "1",
-                             *rl_shape, *quiet]),
+                             *extra, *rl_shape, *quiet]),
             [Side(f"TRL 0.11.4 PPO, {label}", ["trl011_ppo.py", "--mode", mode, "--policy", "{sft-100m-lora}",
                                                "--reward", "{rm-100m-lora}", "--prompts", "{world}/prompts.jsonl",
                                                "--steps", "1", "--batch", "16", "--mini-batch", "4", "--epochs", "1",
@@ -146,7 +146,11 @@ def workloads(quick: bool) -> list[Workload]:
              for mode, label in (("peft", "peft LoRA + separate RM"), ("marl", "Multi-Adapter RL"))],
             parity=False, targeted_peer="*",
             notes="LoRA r16 on all linear layers; one PPO step (16 prompts x 32 tokens, one epoch of mini-batches "
-                  "of 4): peak memory is reached inside the first step"),
+                  "of 4): peak memory is reached inside the first step" + note)
+          for name, extra, note in (
+              ("ppo-lora-memory", [], ""),
+              ("ppo-lora-memory-release", ["--release-memory", "true"],
+               "; rlhflab with `--release-memory` (glibc returns freed blocks: lower peak, slower step)"))],
     ]
 
 
@@ -362,7 +366,7 @@ def machine() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one short run per side (a smoke test, not a result)")
-    parser.add_argument("--only", default="", help="comma-separated workloads: sft,rm,dpo,grpo,ppo,ppo-lora-memory")
+    parser.add_argument("--only", default="", help="comma-separated workloads: sft,rm,dpo,grpo,ppo,ppo-lora-memory,ppo-lora-memory-release")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side (medians are reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every side (see RESULTS.md)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one run may take")

@@ -91,6 +91,9 @@ class TrainOptions:
     gradient_checkpointing: bool = opt(
         False, "recompute each layer's activations in the backward pass: far less memory, about a third more compute"
     )
+    release_memory: bool = opt(
+        False, "give freed memory back to the system at once (Linux/glibc): lower peak RSS on the CPU, slower steps"
+    )
     group_by_length: bool = opt(True, "batch rows of similar length together to cut padding")
     log_every: int = opt(10, "log metrics every N optimizer steps")
     eval_every: int = opt(0, "evaluate every N steps (0 = only at the end)")

@@ -61,6 +61,31 @@ def stage_dir(config) -> Path:
     return Path(config.out) if config.out else Path("runs") / config.run / config.stage
 
 
+M_MMAP_THRESHOLD = -3      # glibc mallopt parameter
+RELEASE_THRESHOLD = 128 * 1024
+
+
+def release_freed_memory() -> bool:
+    """Make glibc return freed tensor memory to the system instead of keeping it for reuse.
+
+    glibc serves allocations above a threshold with mmap and gives them back on free, but it
+    raises that threshold each time such a block is freed, so after a few training steps every
+    activation comes from the heap, where freed blocks stay mapped and fragment: the peak RSS
+    grows well past what is alive at any moment (measured in bench/RESULTS.md). Fixing the
+    threshold at glibc's initial 128 KiB keeps RSS close to live memory, at the price of fresh
+    zeroed pages for every large tensor (slower steps). Returns False where this is not glibc,
+    or when the user set MALLOC_MMAP_THRESHOLD_ themselves (theirs wins)."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, RELEASE_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_memory() -> dict:
     """Peak resident memory of this process (and peak CUDA memory when used), in MiB."""
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

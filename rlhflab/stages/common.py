@@ -40,6 +40,9 @@ def prepare_stage(config) -> Setup:
     from accelerate import Accelerator
 
     placement = choose_placement(config.device, config.dtype)
+    if config.release_memory and not runs.release_freed_memory():
+        print("note: --release-memory has no effect here (not glibc, or MALLOC_MMAP_THRESHOLD_ is set)",
+              file=sys.stderr)
     out = runs.stage_dir(config)
     resume_from = runs.find_resume(out, config.resume)
     log_with = None if config.report_to == "none" else config.report_to
