@@ -79,11 +79,18 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len: int, with_en
     return (logprobs, entropy_from_logits(logits)) if with_entropy else (logprobs, None)
 
 
-def hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
-    """(B, T, H) last hidden states of the transformer body (no LM head)."""
+def hidden_states(model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    """(B, T, H) last hidden states of the transformer body (no LM head). Explicit `position_ids`
+    go with a 4D attention mask (rows packed by rm.pack_groups)."""
     lm = causal_lm(model)
     body = lm.base_model
-    out = body(**_forward_kwargs(body, input_ids, attention_mask))
+    if position_ids is None:
+        kwargs = _forward_kwargs(body, input_ids, attention_mask)
+    elif "position_ids" in inspect.signature(body.forward).parameters:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    else:
+        raise ValueError(f"{type(body).__name__} takes no position_ids: packed rows cannot keep their positions")
+    out = body(**kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 

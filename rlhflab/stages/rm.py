@@ -12,6 +12,7 @@ Saved: the HF model files or the peft adapter, plus `score_head.safetensors` and
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -40,6 +41,8 @@ class RMConfig(ModelOptions, DataOptions, TrainOptions):
     batch_size: int = opt(8, "pairs (pairwise) or prompts (ranking) per micro-batch")
     lr: float = opt(1e-4, "peak learning rate")
     max_length: int = opt(256, "longest prompt + response in tokens (longer ones keep their start)")
+    share_prompt: bool = opt(True, "score the responses to one prompt in one row, the prompt computed once "
+                                   "(checked at the start; models that cannot take a 4D attention mask fall back)")
 
 
 class RewardModel(nn.Module):
@@ -52,11 +55,16 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.score_head.weight, std=1.0 / math.sqrt(hidden_size + 1))
         nn.init.zeros_(self.score_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B,) scores read at the last real token of each row (left or right padding)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                read_at: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) scores read at the last real token of each row (left or right padding); or, for rows
+        packed by `pack_groups` (a 4D mask, explicit positions), (N,) scores read at `read_at`."""
         from rlhflab.models.heads import padding_mask_for
         from rlhflab.stages.rl_roles import hidden_states
 
+        if read_at is not None:
+            hidden = hidden_states(self.lm, input_ids, attention_mask, position_ids)
+            return self.score_head(hidden[read_at[:, 0], read_at[:, 1]].float()).squeeze(-1)
         hidden = hidden_states(self.lm, input_ids, padding_mask_for(attention_mask))   # (B, T, H)
         last = last_token_index(attention_mask)
         return self.score_head(hidden[torch.arange(hidden.shape[0]), last].float()).squeeze(-1)
@@ -149,7 +157,94 @@ def score_by_length(seqs: list[list[int]], model, pad_id: int, device, most: int
     return torch.cat(parts)[inverse.to(device)]
 
 
-def batch_loss(model, items, config, pad_id, device):
+def common_prefix_length(seqs: list[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving each at least one token of its own."""
+    shortest = min(len(s) for s in seqs)
+    n = 0
+    while n < shortest - 1 and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
+def pack_groups(groups: list[list[list[int]]], pad_id: int, device, dtype) -> dict:
+    """Each group of sequences that share a prompt as one row: the shared prefix once, then each
+    sequence's own tokens, which attend to the prefix and to themselves only, at the positions
+    they would have alone. Returns forward arguments and where each sequence's last token sits.
+
+    The 4D additive mask is (rows, 1, T, T); pads attend to themselves only (a row with nothing to
+    attend to would give NaN in the softmax) and are never read."""
+    packed = []
+    for seqs in groups:
+        p = common_prefix_length(seqs) if len(seqs) > 1 else 0
+        tokens, segment, positions, last = list(seqs[0][:p]), [0] * p, list(range(p)), []
+        for number, seq in enumerate(seqs, start=1):
+            tail = seq[p:]
+            tokens += tail
+            segment += [number] * len(tail)
+            positions += range(p, len(seq))
+            last.append(len(tokens) - 1)
+        packed.append((tokens, segment, positions, last))
+    width = max(len(row[0]) for row in packed)
+    ids = torch.full((len(packed), width), pad_id, dtype=torch.long)
+    seg = torch.full((len(packed), width), -1, dtype=torch.long)
+    pos = torch.zeros((len(packed), width), dtype=torch.long)
+    read = []
+    for r, (tokens, segment, positions, last) in enumerate(packed):
+        ids[r, :len(tokens)] = torch.tensor(tokens)
+        seg[r, :len(segment)] = torch.tensor(segment)
+        pos[r, :len(positions)] = torch.tensor(positions)
+        read += [(r, i) for i in last]
+    index = torch.arange(width)
+    causal = index[None, :, None] >= index[None, None, :]                        # (1, T_q, T_k)
+    q, k = seg[:, :, None], seg[:, None, :]
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(width, dtype=torch.bool)[None] & (q < 0)               # pads see themselves
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return {"input_ids": ids.to(device), "attention_mask": mask[:, None].to(device),
+            "position_ids": pos.to(device), "read_at": torch.tensor(read, dtype=torch.long).to(device)}
+
+
+def score_groups(groups: list[list[list[int]]], model, pad_id: int, device, share: bool, most: int = 16) -> torch.Tensor:
+    """(N,) scores of every sequence of every group, in order. With `share`, each group (the
+    responses to one prompt) is one packed row whose prompt runs once: a pair of toy-world
+    answers is ~28% fewer tokens, a ranking of four ~45%. Without, as score_by_length."""
+    if not share:
+        return score_by_length([s for g in groups for s in g], model, pad_id, device)
+    dtype = next(model.parameters()).dtype
+    lengths = [len(g[0]) + sum(len(s) - common_prefix_length(g) for s in g[1:]) if len(g) > 1 else len(g[0])
+               for g in groups]
+    per_group: list[torch.Tensor | None] = [None] * len(groups)
+    for chunk in length_chunks(lengths, most=most):
+        scores = model(**pack_groups([groups[i] for i in chunk], pad_id, device, dtype))
+        for i, part in zip(chunk, scores.split([len(groups[i]) for i in chunk])):
+            per_group[i] = part
+    return torch.cat(per_group)
+
+
+@torch.no_grad()
+def sharing_matches(model, pad_id: int, device, vocab_size: int) -> bool:
+    """Whether this model scores packed rows as it scores sequences one by one: checked once on a
+    small made-up group, since not every architecture honours a 4D mask and explicit positions
+    (ALiBi models, FlashAttention-2 kernels)."""
+    ids = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, max(vocab_size, 4), (6,), generator=ids).tolist()
+    tails = [torch.randint(3, max(vocab_size, 4), (n,), generator=ids).tolist() for n in (3, 5, 2)]
+    groups = [[prompt + t for t in tails], [prompt[:4] + t for t in tails[:2]]]
+    was_training = model.training
+    model.eval()
+    try:
+        shared = score_groups(groups, model, pad_id, device, share=True)
+        alone = score_groups(groups, model, pad_id, device, share=False)
+    except Exception:  # noqa: BLE001 - any failure means "do not share"
+        return False
+    finally:
+        model.train(was_training)
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    return bool(torch.isfinite(shared).all()) and bool(
+        ((shared - alone).abs() <= tolerance * (1 + alone.abs())).all())
+
+
+def batch_loss(model, items, config, pad_id, device, share: bool = False):
     """Loss and metrics of one micro-batch (pairs, or rows for the ranking loss).
 
     Hardening pairs (the best answer over a degenerate one) form their own mean, added with weight
@@ -157,7 +252,7 @@ def batch_loss(model, items, config, pad_id, device):
     pairs with K = 4 and three degenerate answers) and teach little but "longer is better".
     """
     if config.loss == "pairwise":
-        scores = score_by_length([s for pair in items for s in pair[:2]], model, pad_id, device).view(-1, 2)
+        scores = score_groups([list(pair[:2]) for pair in items], model, pad_id, device, share).view(-1, 2)
         hard = torch.tensor([pair[2] for pair in items], device=device)
         real = ~hard
         loss, metrics = losses.bradley_terry_loss(scores[real, 0], scores[real, 1], margin=config.margin or None,
@@ -166,7 +261,7 @@ def batch_loss(model, items, config, pad_id, device):
         return _add_hardening(loss, metrics, scores[hard, 0], scores[hard, 1], config.harden_weight)
     # Ranking: all K responses of each prompt in one forward batch, real ones ranked, degenerate ones last.
     width = max(len(r["seqs"]) for r in items)
-    flat = score_by_length([s for r in items for s in r["seqs"]], model, pad_id, device)
+    flat = score_groups([r["seqs"] for r in items], model, pad_id, device, share)
     scores = torch.zeros(len(items), width, device=device)
     real = torch.zeros(len(items), width, dtype=torch.bool, device=device)
     bad = torch.zeros_like(real)
@@ -193,14 +288,14 @@ def _add_hardening(loss, metrics: dict, best: torch.Tensor, bad: torch.Tensor, w
 
 
 @torch.no_grad()
-def evaluate(model, rows, pad_id, device, batch_size: int = 16) -> dict:
+def evaluate(model, rows, pad_id, device, batch_size: int = 16, share: bool = False) -> dict:
     """Pairwise accuracy against the labels, against the clean gold order (toy world), mean margin, ECE."""
     model.eval()
     correct = gold_correct = gold_total = 0
     margins, probs, labels = [], [], []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        flat = score_by_length([s for r in chunk for s in r["seqs"][:r["n_real"]]], model, pad_id, device).tolist()
+        flat = score_groups([r["seqs"][:r["n_real"]] for r in chunk], model, pad_id, device, share).tolist()
         offset = 0
         for r in chunk:
             n = r["n_real"]
@@ -234,6 +329,11 @@ def run(config: RMConfig) -> dict:
     records, eval_records, stats = common.load_preferences(config)
     setup = common.prepare_stage(config)
     model, tokenizer, info = build_reward_model(config, setup.placement)
+    share = config.share_prompt and sharing_matches(model, tokenizer.pad_token_id, next(model.parameters()).device,
+                                                    len(tokenizer))
+    if config.share_prompt and not share:
+        print("note: this model does not score packed rows exactly as single ones (4D attention mask); "
+              "each response runs with its own copy of the prompt", file=sys.stderr)
     train_rows, truncated = encode_pair_rows(records, tokenizer, config.max_length, config.harden,
                                                config.harden_kinds)
     eval_rows, _ = encode_pair_rows(eval_records, tokenizer, config.max_length, harden=False)
@@ -264,7 +364,7 @@ def run(config: RMConfig) -> dict:
         started = time.perf_counter()
         for _ in range(config.grad_accum):
             batch = [items[i] for i in common.shard(order.next(), accelerator)]
-            loss, row = batch_loss(model, batch, config, pad_id, device)
+            loss, row = batch_loss(model, batch, config, pad_id, device, share)
             common.check_finite(loss, "the reward-model loss", step + 1, last_checkpoint)
             accelerator.backward(loss / config.grad_accum)
             seen_pairs += len(batch) if config.loss == "pairwise" else int(row["pairs"])
@@ -276,19 +376,19 @@ def run(config: RMConfig) -> dict:
         if step % config.log_every == 0 or step == steps:
             metrics_log.log(step, {**row, "lr": scheduler.get_last_lr()[0], "pairs_per_s": seen_pairs / train_time})
         if config.eval_every and step % config.eval_every == 0 and eval_rows:
-            metrics_log.log(step, evaluate(accelerator.unwrap_model(model), eval_rows, pad_id, device))
+            metrics_log.log(step, evaluate(accelerator.unwrap_model(model), eval_rows, pad_id, device, share=share))
         if config.save_every and step % config.save_every == 0 and step < steps:
             last_checkpoint = common.save_checkpoint(setup, config, step, order)
     bar.close()
 
     # Save.
     unwrapped = accelerator.unwrap_model(model)
-    figures = evaluate(unwrapped, eval_rows, pad_id, device) if eval_rows else {}
+    figures = evaluate(unwrapped, eval_rows, pad_id, device, share=share) if eval_rows else {}
     if accelerator.is_main_process:
         save_reward_model(unwrapped, tokenizer, setup.out, info)
     summary = {"stage": "rm", "loss_type": config.loss, "steps": step, "final_loss": row.get("loss"),
                "final_train_accuracy": row.get("accuracy"), **figures, "pairs_per_s": seen_pairs / max(train_time, 1e-9),
                "train_pairs": seen_pairs, "train_time_s": train_time, "wall_time_s": timer.elapsed,
                "rows_read": stats.rows_read, "rows_used": stats.rows_used, "rows_skipped": stats.rows_skipped,
-               "rows_truncated": truncated, "harden": config.harden, "lora": config.lora}
+               "rows_truncated": truncated, "harden": config.harden, "lora": config.lora, "shared_prompt": share}
     return common.finish(setup, summary)

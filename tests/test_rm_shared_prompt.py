@@ -1,0 +1,80 @@
+"""Reward-model rows that share a prompt: the prompt runs once, every score stays the same."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import ARCHS
+
+
+def test_pack_groups_layout():
+    from rlhflab.stages.rm import common_prefix_length, pack_groups
+
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert common_prefix_length([[1, 2], [1, 2]]) == 1          # each keeps a token of its own
+    packed = pack_groups([[[1, 2, 3, 4], [1, 2, 5]], [[7, 8]]], pad_id=0, device="cpu", dtype=torch.float32)
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 0, 0, 0]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 0, 0, 0]]
+    assert packed["read_at"].tolist() == [[0, 3], [0, 4], [1, 1]]
+    allowed = packed["attention_mask"][:, 0] == 0                   # (rows, T, T)
+    # the second answer's token (index 4) sees the prompt and itself, not the first answer
+    assert allowed[0, 4].tolist() == [True, True, False, False, True]
+    assert allowed[0, 3].tolist() == [True, True, True, True, False]
+    assert allowed[1, 1].tolist() == [True, True, False, False, False]
+    assert allowed[1, 3].tolist() == [False, False, False, True, False]   # a pad sees only itself
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prompt_scores_equal_single_rows(arch, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from rlhflab.stages.rm import RewardModel, score_groups, sharing_matches
+
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny_model(arch)))
+    model = RewardModel(lm, lm.config.hidden_size).eval()
+    pad, vocab = lm.config.pad_token_id, lm.config.vocab_size
+    torch.manual_seed(0)
+    prompts = [torch.randint(5, vocab, (n,)).tolist() for n in (7, 4)]
+    groups = [[prompts[0] + torch.randint(5, vocab, (n,)).tolist() for n in (3, 6, 1, 4)],
+              [prompts[1] + torch.randint(5, vocab, (n,)).tolist() for n in (2, 5)]]
+    works = sharing_matches(model, pad, "cpu", vocab)
+    alone = score_groups(groups, model, pad, "cpu", share=False)
+    if not works:
+        # ALiBi models read positions from a 2D mask: the check must refuse them, and only them
+        assert arch == "bloom"
+        return
+    shared = score_groups(groups, model, pad, "cpu", share=True)
+    torch.testing.assert_close(shared, alone, rtol=1e-4, atol=1e-4)
+    # gradients through the packed rows equal those through single rows
+    grads = []
+    for share in (True, False):
+        model.zero_grad()
+        score_groups(groups, model, pad, "cpu", share=share).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["pairwise", "ranking"])
+def test_rm_training_with_and_without_sharing_agrees(loss, tiny_model, tmp_path):
+    from rlhflab.cli import main
+
+    data = tmp_path / "rankings.jsonl"
+    rows = []
+    for i in range(24):
+        prompt = [{"role": "user", "content": f"What is {i} plus {i + 1}?"}]
+        rows.append({"prompt": prompt, "responses": [f"{i} plus {i + 1} is {2 * i + 1}.", f"It is {2 * i}.",
+                                                     "I do not know, sorry about that."]})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    summaries = []
+    for share in ("true", "false"):
+        out = tmp_path / f"rm-{share}"
+        assert main(["rm", "--model", str(tiny_model("llama")), "--data", str(data), "--out", str(out),
+                     "--loss", loss, "--max-steps", "4", "--batch-size", "4", "--lr", "1e-3", "--share-prompt", share,
+                     "--progress", "false", "--eval-fraction", "0.25", "--seed", "0"]) == 0
+        summaries.append(json.loads((out / "summary.json").read_text(encoding="utf-8")))
+    assert summaries[0]["shared_prompt"] is True and summaries[1]["shared_prompt"] is False
+    assert summaries[0]["final_loss"] == pytest.approx(summaries[1]["final_loss"], rel=1e-3)
+    assert summaries[0]["eval_accuracy"] == summaries[1]["eval_accuracy"]
