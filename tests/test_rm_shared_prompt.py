@@ -11,7 +11,7 @@ from tests.conftest import ARCHS
 
 
 def test_pack_groups_layout():
-    from rlhflab.stages.rm import common_prefix_length, pack_groups
+    from rlhflab.models.packing import common_prefix_length, pack_groups
 
     assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
     assert common_prefix_length([[1, 2], [1, 2]]) == 1          # each keeps a token of its own
@@ -19,6 +19,12 @@ def test_pack_groups_layout():
     assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 0, 0, 0]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 0, 0, 0]]
     assert packed["read_at"].tolist() == [[0, 3], [0, 4], [1, 1]]
+    assert packed["segments"] == [(0, 2, 4), (0, 4, 5), (1, 0, 2)]
+    fixed = pack_groups([[[1, 2, 3, 4], [1, 2, 5]]], 0, "cpu", torch.float32, prefix_lengths=[1])
+    assert fixed["input_ids"].tolist() == [[1, 2, 3, 4, 2, 5]] and fixed["segments"] == [(0, 1, 4), (0, 4, 6)]
+    assert fixed["position_ids"].tolist() == [[0, 1, 2, 3, 1, 2]]
+    with pytest.raises(ValueError, match="do not share"):
+        pack_groups([[[1, 2, 3], [1, 4, 3]]], 0, "cpu", torch.float32, prefix_lengths=[2])
     allowed = packed["attention_mask"][:, 0] == 0                   # (rows, T, T)
     # the second answer's token (index 4) sees the prompt and itself, not the first answer
     assert allowed[0, 4].tolist() == [True, True, False, False, True]

@@ -49,6 +49,9 @@ class RLConfig(ModelOptions, TrainOptions):
     critic_init: str = opt("reward", "initialise the critic from the reward model (InstructGPT) or the SFT model",
                            ("reward", "sft"))
     n_samples: int = opt(1, "responses per prompt (grpo/rloo need >= 2)")
+    share_prompt: bool = opt(True, "critic-free estimators with --n-samples > 1: run the samples of one prompt "
+                                   "packed in one row, the prompt once (needs --mini-batch a multiple of "
+                                   "--n-samples; checked at the start, models that cannot take it fall back)")
     rollout_prompts: int = opt(16, "prompts per rollout (a step = one rollout + its updates)")
     mini_batch: int = opt(8, "rollouts per gradient step inside an update")
     ppo_epochs: int = opt(2, "passes over each rollout")
@@ -210,8 +213,8 @@ def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, mome
             lambda ids, am: roles.policy_and_values(ids, am, prompt_len, with_entropy=True))
     else:
         old_logprobs, entropy = passes(
-            lambda ids, am: roles.logprobs("policy", ids, am, prompt_len, with_entropy=True))
-    ref_logprobs = passes(lambda ids, am: roles.logprobs("reference", ids, am, prompt_len)[0])
+            lambda ids, am: roles.logprobs("policy", ids, am, prompt_len, with_entropy=True, group=roles.pack_group))
+    ref_logprobs = passes(lambda ids, am: roles.logprobs("reference", ids, am, prompt_len, group=roles.pack_group)[0])
     if config.reward == JUDGE:
         raw_scores = torch.tensor(judge_scores(records, gen.texts), device=mask.device)
     else:
@@ -267,8 +270,9 @@ def update(roles, optimizer, accelerator, rollout: Rollout, config: RLConfig, kl
     batch = rollout.mask.shape[0]
     sums: dict[str, float] = {}
     count, stopped_early = 0, False
+    group = roles.pack_group  # packed rows need whole groups: shuffle groups, not rows
     for _ in range(config.ppo_epochs):
-        for idx in torch.randperm(batch).split(config.mini_batch):
+        for idx in (torch.randperm(batch // group)[:, None] * group + torch.arange(group)).flatten().split(config.mini_batch):
             ids, am, mask = rollout.input_ids[idx], rollout.attention_mask[idx], rollout.mask[idx]
             shared = config.estimator == "gae" and roles.shared_critic
             if shared:
@@ -276,7 +280,7 @@ def update(roles, optimizer, accelerator, rollout: Rollout, config: RLConfig, kl
                                                                     with_entropy=bool(config.entropy_coef))
             else:
                 logprobs, entropy = roles.logprobs("policy", ids, am, rollout.prompt_len,
-                                                   with_entropy=bool(config.entropy_coef))
+                                                   with_entropy=bool(config.entropy_coef), group=group)
             loss, metrics = losses.policy_loss(logprobs, rollout.old_logprobs[idx], rollout.advantages[idx], mask,
                                                clip_eps=config.clip_eps)
             if config.entropy_coef:
@@ -402,6 +406,13 @@ def run(config: RLConfig) -> dict:
                          "prompts without a toy-world meta.family (export them with `rlhflab world export`)")
     setup = common.prepare_stage(config)
     roles, tokenizer, info = load_roles(config, setup.placement)
+    if (config.share_prompt and config.estimator != "gae" and config.n_samples > 1
+            and config.mini_batch % config.n_samples == 0):
+        if roles.packing_matches(len(tokenizer)):
+            roles.pack_group = config.n_samples
+        else:
+            print("note: this model does not give packed rows the log-probs of single ones (4D attention mask); "
+                  "each sample runs with its own copy of the prompt", file=sys.stderr)
     gold = GoldSignal(records, load_judge_rm(config.judge_rm, setup.placement) if config.judge_rm else None)
     probes = probe_records(records, gold.world)
 
@@ -481,7 +492,8 @@ def run(config: RLConfig) -> dict:
     if accelerator.is_main_process:
         save_policy(roles_module, tokenizer, setup.out, info)
     tail = history[-max(1, len(history) // 5):]
-    summary = {"stage": config.stage, "estimator": config.estimator, "steps": step, "wall_time_s": timer.elapsed,
+    summary = {"stage": config.stage, "estimator": config.estimator, "packed_samples": roles_module.pack_group > 1,
+               "steps": step, "wall_time_s": timer.elapsed,
                **{f"final_{k}": sum(r[k] for r in tail) / len(tail) for k in
                   ("reward", "kl_k1", "response_len", "empty_rate", "gold") if tail and all(k in r for r in tail)},
                "alarms": alarms, "base_weight_copies": base_weight_copies(roles_module), "lora": config.lora,

@@ -79,6 +79,41 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len: int, with_en
     return (logprobs, entropy_from_logits(logits)) if with_entropy else (logprobs, None)
 
 
+def pack_rollout(input_ids, attention_mask, prompt_len: int, group: int, dtype) -> tuple[dict, torch.Tensor]:
+    """Rollout rows that come in whole groups of `group` samples of one prompt (GRPO, RLOO), as
+    packed rows (models/packing.py): the prompt once, then each sample's last prompt token and
+    response at their own positions. Returns the forward arguments and the (rows, T) selection of
+    the positions that predict response tokens, in the rows' order."""
+    from rlhflab.models.packing import pack_groups
+
+    groups, prefixes = [], []
+    for start in range(0, input_ids.shape[0], group):
+        rows = input_ids[start:start + group, :prompt_len]
+        if not bool((rows == rows[:1]).all()):
+            raise ValueError(f"rollout rows {start}..{start + group - 1} are not samples of one prompt")
+        prompt = rows[0][attention_mask[start, :prompt_len].bool()].tolist()
+        groups.append([prompt + input_ids[b, prompt_len:].tolist() for b in range(start, start + group)])
+        prefixes.append(len(prompt) - 1)
+    packed = pack_groups(groups, 0, input_ids.device, dtype, prefix_lengths=prefixes)
+    select = torch.zeros(packed["input_ids"].shape, dtype=torch.bool, device=input_ids.device)
+    for row, start, end in packed["segments"]:
+        select[row, start:end - 1] = True
+    return packed, select
+
+
+def packed_response_logprobs(model, input_ids, attention_mask, prompt_len: int, group: int,
+                             with_entropy: bool = False):
+    """response_logprobs for rows in groups of samples of one prompt, the prompt run once per group."""
+    lm = causal_lm(model)
+    packed, select = pack_rollout(input_ids, attention_mask, prompt_len, group, lm.dtype)
+    logits = logits_at(model, select, input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
+                       position_ids=packed["position_ids"])
+    targets = input_ids[:, prompt_len:]
+    logits = logits.view(*targets.shape, -1)                                                 # (B, R, V)
+    logprobs = gather_logprobs(logits, targets)
+    return (logprobs, entropy_from_logits(logits)) if with_entropy else (logprobs, None)
+
+
 def hidden_states(model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
     """(B, T, H) last hidden states of the transformer body (no LM head). Explicit `position_ids`
     go with a 4D attention mask (rows packed by rm.pack_groups)."""
@@ -116,6 +151,7 @@ class Roles(nn.Module):
                  critic_lm=None, shared_critic: bool = False):
         super().__init__()
         self.shared_critic = shared_critic  # value head on the policy's body: one forward for both
+        self.pack_group = 1  # > 1: rollouts come in groups of this many samples of one prompt, run packed
         self.lm, self.value_head, self.score_head = lm, value_head, score_head
         self.critic_lm = critic_lm  # full mode only: the critic's own (trainable) body
         self.lora = lora
@@ -134,10 +170,43 @@ class Roles(nn.Module):
                    "reward": self.reward_adapter}[role]
         return self.lm, adapter, True
 
-    def logprobs(self, role: str, input_ids, attention_mask, prompt_len: int, with_entropy: bool = False):
+    def logprobs(self, role: str, input_ids, attention_mask, prompt_len: int, with_entropy: bool = False,
+                 group: int = 1):
+        """(B, R) response log-probs under a role; with `group` > 1 the rows come in groups of
+        samples of one prompt and run packed, the prompt once per group."""
         model, adapter, switch = self._role(role)
         with active_adapter(model, adapter) if switch else contextlib.nullcontext():
+            if group > 1:
+                return packed_response_logprobs(model, input_ids, attention_mask, prompt_len, group, with_entropy)
             return response_logprobs(model, input_ids, attention_mask, prompt_len, with_entropy)
+
+    @torch.no_grad()
+    def packing_matches(self, vocab_size: int) -> bool:
+        """Whether the policy gives packed groups the log-probs it gives single rows, on a made-up
+        rollout (two prompts, one left-padded, two samples each). Models that cannot take a 4D
+        mask or explicit positions fail here and RL runs every sample with its own prompt."""
+        ids = torch.Generator().manual_seed(0)
+        draw = lambda n: torch.randint(3, max(vocab_size, 4), (n,), generator=ids)  # noqa: E731
+        prompt_len, response = 6, 4
+        rows, masks = [], []
+        for real in (6, 4):
+            prompt = torch.cat([torch.zeros(prompt_len - real, dtype=torch.long), draw(real)])
+            for _ in range(2):
+                rows.append(torch.cat([prompt, draw(response)]))
+                masks.append(torch.cat([torch.zeros(prompt_len - real), torch.ones(real + response)]).long())
+        device = next(self.lm.parameters()).device
+        input_ids, attention_mask = torch.stack(rows).to(device), torch.stack(masks).to(device)
+        was_training = self.lm.training
+        self.lm.eval()
+        try:
+            alone = self.logprobs("policy", input_ids, attention_mask, prompt_len)[0]
+            packed = self.logprobs("policy", input_ids, attention_mask, prompt_len, group=2)[0]
+        except Exception:  # noqa: BLE001 - any failure means "do not pack"
+            return False
+        finally:
+            self.lm.train(was_training)
+        tolerance = 1e-3 if causal_lm(self.lm).dtype == torch.float32 else 5e-2
+        return bool(torch.isfinite(packed).all()) and bool(((packed - alone).abs() <= tolerance).all())
 
     def policy_and_values(self, input_ids, attention_mask, prompt_len: int, with_entropy: bool = False):
         """Shared critic: (B, R) log-probs, entropy or None, and values from ONE forward of the policy."""

@@ -23,6 +23,7 @@ from rlhflab import losses, runs
 from rlhflab.config import DataOptions, ModelOptions, TrainOptions, opt
 from rlhflab.data.template import encode_chat
 from rlhflab.errors import UsageError
+from rlhflab.models.packing import pack_groups, packed_length
 from rlhflab.stages import common
 
 
@@ -157,53 +158,6 @@ def score_by_length(seqs: list[list[int]], model, pad_id: int, device, most: int
     return torch.cat(parts)[inverse.to(device)]
 
 
-def common_prefix_length(seqs: list[list[int]]) -> int:
-    """Tokens every sequence starts with, leaving each at least one token of its own."""
-    shortest = min(len(s) for s in seqs)
-    n = 0
-    while n < shortest - 1 and all(s[n] == seqs[0][n] for s in seqs):
-        n += 1
-    return n
-
-
-def pack_groups(groups: list[list[list[int]]], pad_id: int, device, dtype) -> dict:
-    """Each group of sequences that share a prompt as one row: the shared prefix once, then each
-    sequence's own tokens, which attend to the prefix and to themselves only, at the positions
-    they would have alone. Returns forward arguments and where each sequence's last token sits.
-
-    The 4D additive mask is (rows, 1, T, T); pads attend to themselves only (a row with nothing to
-    attend to would give NaN in the softmax) and are never read."""
-    packed = []
-    for seqs in groups:
-        p = common_prefix_length(seqs) if len(seqs) > 1 else 0
-        tokens, segment, positions, last = list(seqs[0][:p]), [0] * p, list(range(p)), []
-        for number, seq in enumerate(seqs, start=1):
-            tail = seq[p:]
-            tokens += tail
-            segment += [number] * len(tail)
-            positions += range(p, len(seq))
-            last.append(len(tokens) - 1)
-        packed.append((tokens, segment, positions, last))
-    width = max(len(row[0]) for row in packed)
-    ids = torch.full((len(packed), width), pad_id, dtype=torch.long)
-    seg = torch.full((len(packed), width), -1, dtype=torch.long)
-    pos = torch.zeros((len(packed), width), dtype=torch.long)
-    read = []
-    for r, (tokens, segment, positions, last) in enumerate(packed):
-        ids[r, :len(tokens)] = torch.tensor(tokens)
-        seg[r, :len(segment)] = torch.tensor(segment)
-        pos[r, :len(positions)] = torch.tensor(positions)
-        read += [(r, i) for i in last]
-    index = torch.arange(width)
-    causal = index[None, :, None] >= index[None, None, :]                        # (1, T_q, T_k)
-    q, k = seg[:, :, None], seg[:, None, :]
-    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
-    allowed |= torch.eye(width, dtype=torch.bool)[None] & (q < 0)               # pads see themselves
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return {"input_ids": ids.to(device), "attention_mask": mask[:, None].to(device),
-            "position_ids": pos.to(device), "read_at": torch.tensor(read, dtype=torch.long).to(device)}
-
-
 def score_groups(groups: list[list[list[int]]], model, pad_id: int, device, share: bool, most: int = 16) -> torch.Tensor:
     """(N,) scores of every sequence of every group, in order. With `share`, each group (the
     responses to one prompt) is one packed row whose prompt runs once: a pair of toy-world
@@ -211,11 +165,11 @@ def score_groups(groups: list[list[list[int]]], model, pad_id: int, device, shar
     if not share:
         return score_by_length([s for g in groups for s in g], model, pad_id, device)
     dtype = next(model.parameters()).dtype
-    lengths = [len(g[0]) + sum(len(s) - common_prefix_length(g) for s in g[1:]) if len(g) > 1 else len(g[0])
-               for g in groups]
+    lengths = [packed_length(g) for g in groups]
     per_group: list[torch.Tensor | None] = [None] * len(groups)
     for chunk in length_chunks(lengths, most=most):
-        scores = model(**pack_groups([groups[i] for i in chunk], pad_id, device, dtype))
+        packed = pack_groups([groups[i] for i in chunk], pad_id, device, dtype)
+        scores = model(packed["input_ids"], packed["attention_mask"], packed["position_ids"], packed["read_at"])
         for i, part in zip(chunk, scores.split([len(groups[i]) for i in chunk])):
             per_group[i] = part
     return torch.cat(per_group)
