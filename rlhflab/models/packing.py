@@ -11,6 +11,8 @@ from a 2D mask; FlashAttention-2 kernels take no mask): callers check once and f
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -74,3 +76,21 @@ def pack_groups(groups: list[list[list[int]]], pad_id: int, device, dtype,
     return {"input_ids": ids.to(device), "attention_mask": mask[:, None].to(device),
             "position_ids": pos.to(device), "read_at": torch.tensor(read, dtype=torch.long).to(device),
             "segments": segments}
+
+
+@torch.no_grad()
+def packing_agrees(module: torch.nn.Module, packed: Callable[[], torch.Tensor], alone: Callable[[], torch.Tensor],
+                   dtype: torch.dtype) -> bool:
+    """Whether `packed()` gives what `alone()` gives (the same figures computed from packed rows
+    and from single rows), in eval mode; any error counts as no. The tolerance is relative to
+    the figures, loose enough for 16-bit weights."""
+    was_training = module.training
+    module.eval()
+    try:
+        got, expected = packed(), alone()
+    except Exception:  # noqa: BLE001 - whatever breaks, the caller falls back to single rows
+        return False
+    finally:
+        module.train(was_training)
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    return bool(torch.isfinite(got).all()) and bool(((got - expected).abs() <= tolerance * (1 + expected.abs())).all())

@@ -28,6 +28,7 @@ from torch import nn
 from rlhflab.errors import UsageError
 from rlhflab.losses import entropy_from_logits, gather_logprobs
 from rlhflab.models.heads import causal_lm, logits_at
+from rlhflab.models.packing import packing_agrees
 
 
 @contextlib.contextmanager
@@ -180,7 +181,6 @@ class Roles(nn.Module):
                 return packed_response_logprobs(model, input_ids, attention_mask, prompt_len, group, with_entropy)
             return response_logprobs(model, input_ids, attention_mask, prompt_len, with_entropy)
 
-    @torch.no_grad()
     def packing_matches(self, vocab_size: int) -> bool:
         """Whether the policy gives packed groups the log-probs it gives single rows, on a made-up
         rollout (two prompts, one left-padded, two samples each). Models that cannot take a 4D
@@ -196,17 +196,9 @@ class Roles(nn.Module):
                 masks.append(torch.cat([torch.zeros(prompt_len - real), torch.ones(real + response)]).long())
         device = next(self.lm.parameters()).device
         input_ids, attention_mask = torch.stack(rows).to(device), torch.stack(masks).to(device)
-        was_training = self.lm.training
-        self.lm.eval()
-        try:
-            alone = self.logprobs("policy", input_ids, attention_mask, prompt_len)[0]
-            packed = self.logprobs("policy", input_ids, attention_mask, prompt_len, group=2)[0]
-        except Exception:  # noqa: BLE001 - any failure means "do not pack"
-            return False
-        finally:
-            self.lm.train(was_training)
-        tolerance = 1e-3 if causal_lm(self.lm).dtype == torch.float32 else 5e-2
-        return bool(torch.isfinite(packed).all()) and bool(((packed - alone).abs() <= tolerance).all())
+        return packing_agrees(
+            self.lm, lambda: self.logprobs("policy", input_ids, attention_mask, prompt_len, group=2)[0],
+            lambda: self.logprobs("policy", input_ids, attention_mask, prompt_len)[0], causal_lm(self.lm).dtype)
 
     def policy_and_values(self, input_ids, attention_mask, prompt_len: int, with_entropy: bool = False):
         """Shared critic: (B, R) log-probs, entropy or None, and values from ONE forward of the policy."""

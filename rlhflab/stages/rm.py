@@ -23,7 +23,7 @@ from rlhflab import losses, runs
 from rlhflab.config import DataOptions, ModelOptions, TrainOptions, opt
 from rlhflab.data.template import encode_chat
 from rlhflab.errors import UsageError
-from rlhflab.models.packing import pack_groups, packed_length
+from rlhflab.models.packing import pack_groups, packed_length, packing_agrees
 from rlhflab.stages import common
 
 
@@ -175,7 +175,6 @@ def score_groups(groups: list[list[list[int]]], model, pad_id: int, device, shar
     return torch.cat(per_group)
 
 
-@torch.no_grad()
 def sharing_matches(model, pad_id: int, device, vocab_size: int) -> bool:
     """Whether this model scores packed rows as it scores sequences one by one: checked once on a
     small made-up group, since not every architecture honours a 4D mask and explicit positions
@@ -184,18 +183,9 @@ def sharing_matches(model, pad_id: int, device, vocab_size: int) -> bool:
     prompt = torch.randint(3, max(vocab_size, 4), (6,), generator=ids).tolist()
     tails = [torch.randint(3, max(vocab_size, 4), (n,), generator=ids).tolist() for n in (3, 5, 2)]
     groups = [[prompt + t for t in tails], [prompt[:4] + t for t in tails[:2]]]
-    was_training = model.training
-    model.eval()
-    try:
-        shared = score_groups(groups, model, pad_id, device, share=True)
-        alone = score_groups(groups, model, pad_id, device, share=False)
-    except Exception:  # noqa: BLE001 - any failure means "do not share"
-        return False
-    finally:
-        model.train(was_training)
-    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
-    return bool(torch.isfinite(shared).all()) and bool(
-        ((shared - alone).abs() <= tolerance * (1 + alone.abs())).all())
+    return packing_agrees(model, lambda: score_groups(groups, model, pad_id, device, share=True),
+                          lambda: score_groups(groups, model, pad_id, device, share=False),
+                          next(model.parameters()).dtype)
 
 
 def batch_loss(model, items, config, pad_id, device, share: bool = False):
