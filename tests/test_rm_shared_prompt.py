@@ -84,3 +84,46 @@ def test_rm_training_with_and_without_sharing_agrees(loss, tiny_model, tmp_path)
     assert summaries[0]["shared_prompt"] is True and summaries[1]["shared_prompt"] is False
     assert summaries[0]["final_loss"] == pytest.approx(summaries[1]["final_loss"], rel=1e-3)
     assert summaries[0]["eval_accuracy"] == summaries[1]["eval_accuracy"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dpo_packed_pairs_equal_single_rows(arch, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from rlhflab.data.template import IGNORE_INDEX
+    from rlhflab.stages.dpo import packing_matches, sequence_logps
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model(arch))).eval()
+    pad, vocab = model.config.pad_token_id, model.config.vocab_size
+    if not packing_matches(model, pad, "cpu", vocab):
+        assert arch == "bloom"
+        return
+    torch.manual_seed(2)
+    pairs = []
+    for prompt_len, answers in ((9, (4, 1)), (3, (6, 6)), (5, (2, 7))):
+        prompt = torch.randint(5, vocab, (prompt_len,)).tolist()
+        rows = [prompt + torch.randint(5, vocab, (n,)).tolist() for n in answers]
+        pairs.append({key: {"input_ids": row, "labels": [IGNORE_INDEX] * prompt_len + row[prompt_len:]}
+                      for key, row in zip(("chosen", "rejected"), rows)})
+    # answers that begin alike: the shared prompt must stop where the labels start
+    pairs[1]["rejected"]["input_ids"][3] = pairs[1]["chosen"]["input_ids"][3]
+    pairs[1]["rejected"]["labels"][3] = pairs[1]["chosen"]["labels"][3]
+    alone = sequence_logps(model, pairs, pad, "cpu")
+    packed = sequence_logps(model, pairs, pad, "cpu", packed=True)
+    for a, b in zip(packed, alone):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_dpo_training_with_and_without_packing_agrees(tiny_model, tmp_path):
+    from rlhflab.cli import main
+    from tests.conftest import SAMPLES
+
+    summaries = []
+    for share in ("true", "false"):
+        out = tmp_path / f"dpo-{share}"
+        assert main(["dpo", "--policy", str(tiny_model("llama")), "--data", str(SAMPLES / "pairs.jsonl"),
+                     "--out", str(out), "--max-steps", "4", "--batch-size", "4", "--lr", "1e-3", "--lora",
+                     "--share-prompt", share, "--progress", "false", "--seed", "0"]) == 0
+        summaries.append(json.loads((out / "summary.json").read_text(encoding="utf-8")))
+    assert summaries[0]["packed_pairs"] is True and summaries[1]["packed_pairs"] is False
+    assert summaries[0]["final_loss"] == pytest.approx(summaries[1]["final_loss"], rel=1e-3)

@@ -60,6 +60,8 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
     batch_size: int = opt(8, "pairs per micro-batch")
     lr: float = opt(5e-5, "peak learning rate")
     max_length: int = opt(256, "longest prompt + answer in tokens (longer ones keep their start)")
+    share_prompt: bool = opt(True, "run chosen and rejected packed in one row, their shared prompt once "
+                                   "(checked at the start; models that cannot take a 4D attention mask fall back)")
 
     def check(self):
         if not self.policy and not self.model:
@@ -114,10 +116,14 @@ def encode_pairs(records, tokenizer, max_length: int, from_rankings: str) -> tup
     return pairs, {"rows_truncated": truncated, "pairs_without_answer_tokens": dropped}
 
 
-def sequence_logps(model, pairs: list[dict], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """One forward pass over chosen + rejected: (chosen, rejected) summed log-probs and token counts, (B,)."""
+def sequence_logps(model, pairs: list[dict], pad_id: int, device, packed: bool = False) -> tuple[torch.Tensor, ...]:
+    """One forward pass over chosen + rejected: (chosen, rejected) summed log-probs and token counts, (B,).
+    With `packed`, each pair is one row whose shared prompt runs once (packed_sequence_logps)."""
     from rlhflab.models.heads import answer_selection, logits_at, padding_mask_for
     from rlhflab.stages.sft import collate
+
+    if packed:
+        return packed_sequence_logps(model, pairs, pad_id, device)
 
     batch = collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id, device)
     select, targets = answer_selection(batch["labels"], IGNORE_INDEX)
@@ -129,6 +135,61 @@ def sequence_logps(model, pairs: list[dict], pad_id: int, device) -> tuple[torch
     logps, counts = per_position.sum(-1), select.sum(-1)
     b = len(pairs)
     return logps[:b], logps[b:], counts[:b], counts[b:]
+
+
+def packed_sequence_logps(model, pairs: list[dict], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """sequence_logps with chosen and rejected packed in one row (models/packing.py): the prompt
+    tokens they share run once, and the last of them starts each answer's segment, so that its
+    logits predict the answer's first token as they would in a row of its own."""
+    from rlhflab.models.heads import causal_lm, logits_at
+    from rlhflab.models.packing import pack_groups
+
+    groups, prefixes = [], []
+    for pair in pairs:
+        (a, b), (la, lb) = ((pair[k]["input_ids"] for k in ("chosen", "rejected")),
+                            (pair[k]["labels"] for k in ("chosen", "rejected")))
+        shared, limit = 0, min(len(a), len(b)) - 1
+        while shared < limit and a[shared] == b[shared] and la[shared] == IGNORE_INDEX == lb[shared]:
+            shared += 1
+        groups.append([a, b])
+        prefixes.append(max(shared - 1, 0))
+    rows = pack_groups(groups, pad_id, device, causal_lm(model).dtype, prefix_lengths=prefixes)
+    shape = rows["input_ids"].shape
+    select = torch.zeros(shape, dtype=torch.bool)
+    targets = torch.zeros(shape, dtype=torch.long)
+    owner = torch.zeros(shape, dtype=torch.long)
+    for n, (row, start, _) in enumerate(rows["segments"]):    # pair i: segments 2i (chosen), 2i + 1
+        labels, prefix = pairs[n // 2]["chosen" if n % 2 == 0 else "rejected"]["labels"], prefixes[n // 2]
+        for j in range(prefix, len(labels) - 1):               # position j predicts token j + 1
+            if labels[j + 1] != IGNORE_INDEX:
+                select[row, start + j - prefix], targets[row, start + j - prefix] = True, labels[j + 1]
+                owner[row, start + j - prefix] = n
+    logits = logits_at(model, select.to(device), input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
+                       position_ids=rows["position_ids"])
+    token_logps = -torch.nn.functional.cross_entropy(logits.float(), targets[select].to(device), reduction="none")
+    owners = owner[select].to(device)
+    sums = torch.zeros(2 * len(pairs), dtype=token_logps.dtype, device=device).index_add_(0, owners, token_logps)
+    counts = torch.bincount(owners, minlength=2 * len(pairs))
+    return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
+
+
+def packing_matches(model, pad_id: int, device, vocab_size: int) -> bool:
+    """Whether packed pairs get the log-probs single rows get, on two made-up pairs (see
+    models/packing.py for the models that cannot take it)."""
+    from rlhflab.models.heads import causal_lm
+    from rlhflab.models.packing import packing_agrees
+
+    ids = torch.Generator().manual_seed(0)
+    draw = lambda n: torch.randint(3, max(vocab_size, 4), (n,), generator=ids).tolist()  # noqa: E731
+    pairs = []
+    for prompt_len, answers in ((6, (3, 5)), (4, (2, 4))):
+        prompt = draw(prompt_len)
+        rows = [prompt + draw(n) for n in answers]
+        pairs.append({key: {"input_ids": row, "labels": [IGNORE_INDEX] * prompt_len + row[prompt_len:]}
+                      for key, row in zip(("chosen", "rejected"), rows)})
+    return packing_agrees(model, lambda: torch.stack(sequence_logps(model, pairs, pad_id, device, packed=True)[:2]),
+                          lambda: torch.stack(sequence_logps(model, pairs, pad_id, device)[:2]),
+                          causal_lm(model).dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +211,7 @@ class PolicyAndReference:
         self.tokenizer = load_tokenizer(config.tokenizer or self.source, config.trust_remote_code,
                                         config.chat_template)
         self.reference_adapter, self.frozen = None, None
+        self.packed = False  # set by run once packing_matches has checked the model
         if config.lora:
             if is_adapter_dir(self.source):
                 self.base_name = adapter_base(self.source)
@@ -229,7 +291,8 @@ def reference_logps(policy: PolicyAndReference, pairs: list[dict], config, polic
     with policy.reference(policy_untouched) as model:
         for start in range(0, len(by_length), size):
             chunk = by_length[start:start + size]
-            c, r, _, _ = sequence_logps(model, [pairs[i] for i in chunk], policy.tokenizer.pad_token_id, device)
+            c, r, _, _ = sequence_logps(model, [pairs[i] for i in chunk], policy.tokenizer.pad_token_id, device,
+                                        policy.packed)
             out["chosen"][chunk], out["rejected"][chunk] = c.cpu(), r.cpu()
             bar.update(len(chunk))
     bar.close()
@@ -246,9 +309,9 @@ def planned_indices(order: common.BatchOrder, batches: int) -> list[int]:
     return sorted({i for _ in range(batches) for i in order.next()})
 
 
-def pair_loss(policy_model, pairs, ref: dict, indices: list[int], config, pad_id, device):
+def pair_loss(policy_model, pairs, ref: dict, indices: list[int], config, pad_id, device, packed: bool = False):
     """DPO-family loss and metrics of one micro-batch."""
-    pc, pr, nc, nr = sequence_logps(policy_model, [pairs[i] for i in indices], pad_id, device)
+    pc, pr, nc, nr = sequence_logps(policy_model, [pairs[i] for i in indices], pad_id, device, packed)
     rc, rr = ref["chosen"][indices].to(device), ref["rejected"][indices].to(device)
     loss, metrics = losses.dpo_loss(pc, pr, rc, rr, beta=config.beta, loss_type=config.loss,
                                     label_smoothing=config.label_smoothing, simpo_gamma=config.simpo_gamma,
@@ -259,7 +322,7 @@ def pair_loss(policy_model, pairs, ref: dict, indices: list[int], config, pad_id
 
 
 @torch.no_grad()
-def evaluate(model, pairs, ref, config, pad_id, device) -> dict:
+def evaluate(model, pairs, ref, config, pad_id, device, packed: bool = False) -> dict:
     """Held-out loss, implicit-reward accuracy and margin."""
     was_training = model.training
     model.eval()
@@ -267,7 +330,7 @@ def evaluate(model, pairs, ref, config, pad_id, device) -> dict:
     size = max(1, config.batch_size * 2)
     for start in range(0, len(pairs), size):
         indices = list(range(start, min(start + size, len(pairs))))
-        _, metrics = pair_loss(model, pairs, ref, indices, config, pad_id, device)
+        _, metrics = pair_loss(model, pairs, ref, indices, config, pad_id, device, packed)
         for key in ("loss", "rewards/accuracy", "rewards/margin", "logps/chosen_shift"):
             totals[key] = totals.get(key, 0.0) + metrics[key] * len(indices)
     model.train(was_training)
@@ -328,6 +391,11 @@ def run(config: DPOConfig) -> dict:
     policy = PolicyAndReference(config, setup.placement)
     tokenizer, device = policy.tokenizer, setup.placement.device
     pad_id = tokenizer.pad_token_id
+    if config.share_prompt:
+        policy.packed = packing_matches(policy.model, pad_id, device, len(tokenizer))
+        if not policy.packed:
+            print("note: this model does not give packed pairs the log-probs of single rows (4D attention mask); "
+                  "chosen and rejected each run with their own copy of the prompt", file=sys.stderr)
     metrics_log = common.start_outputs(setup, config)
     show = config.progress and setup.accelerator.is_main_process
     state = setup.state
@@ -397,7 +465,7 @@ def run(config: DPOConfig) -> dict:
         started = time.perf_counter()
         for _ in range(config.grad_accum):
             indices = common.shard(order.next(), accelerator)
-            loss, row = pair_loss(model, pairs, ref, indices, config, pad_id, device)
+            loss, row = pair_loss(model, pairs, ref, indices, config, pad_id, device, policy.packed)
             common.check_finite(loss, "the DPO loss", step + 1, last_checkpoint)
             accelerator.backward(loss / config.grad_accum)
             seen_pairs += len(indices)
@@ -416,7 +484,7 @@ def run(config: DPOConfig) -> dict:
             metrics_log.log(step, {**row, "lr": scheduler.get_last_lr()[0], "round": round_no,
                                    "pairs_per_s": seen_pairs / max(train_time, 1e-9)})
         if config.eval_every and step % config.eval_every == 0 and eval_pairs:
-            metrics_log.log(step, evaluate(model, eval_pairs, eval_ref, config, pad_id, device))
+            metrics_log.log(step, evaluate(model, eval_pairs, eval_ref, config, pad_id, device, policy.packed))
         if config.save_every and step % config.save_every == 0 and step < steps:
             last_checkpoint = common.save_checkpoint(setup, config, step, order,
                                                      {"round": round_no, "steps_per_round": steps_per_round})
@@ -425,12 +493,13 @@ def run(config: DPOConfig) -> dict:
 
     # Save.
     unwrapped = accelerator.unwrap_model(model)
-    figures = evaluate(unwrapped, eval_pairs, eval_ref, config, pad_id, device) if eval_pairs else {}
+    figures = evaluate(unwrapped, eval_pairs, eval_ref, config, pad_id, device, policy.packed) if eval_pairs else {}
     if accelerator.is_main_process:
         from rlhflab.stages.rl_roles import save_trained_policy
 
         save_trained_policy(unwrapped, tokenizer, setup.out, config.lora, policy.base_name)
     summary = {"stage": "dpo", "loss_type": config.loss, "beta": config.beta, "steps": step,
+               "packed_pairs": policy.packed,
                "final_loss": row.get("loss"), "final_train_accuracy": row.get("rewards/accuracy"),
                "final_margin": row.get("rewards/margin"), "final_chosen_shift": row.get("logps/chosen_shift"),
                **figures, "pairs_per_s": seen_pairs / max(train_time + ref_time, 1e-9),
