@@ -6,7 +6,10 @@ explicit position ids, every hidden state after the prefix equals the one the se
 in a row of its own. The reward model scores the responses to one prompt this way, and RL runs
 the n samples of one prompt (GRPO, RLOO) through the policy and the reference this way. Not
 every model honours a 4D mask and explicit positions (ALiBi models such as BLOOM read positions
-from a 2D mask; FlashAttention-2 kernels take no mask): callers check once and fall back.
+from a 2D mask; FlashAttention-2 kernels take no mask): callers check once and fall back. The
+check runs on a few made-up tokens, so a model whose sliding attention window is shorter than a
+packed row (some Mistral and Qwen2 configurations) would pass it and then see its window ignored
+by the custom mask on long rows: give such models `--share-prompt false`.
 """
 
 from __future__ import annotations
