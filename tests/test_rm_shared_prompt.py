@@ -127,3 +127,15 @@ def test_dpo_training_with_and_without_packing_agrees(tiny_model, tmp_path):
         summaries.append(json.loads((out / "summary.json").read_text(encoding="utf-8")))
     assert summaries[0]["packed_pairs"] is True and summaries[1]["packed_pairs"] is False
     assert summaries[0]["final_loss"] == pytest.approx(summaries[1]["final_loss"], rel=1e-3)
+
+
+def test_models_with_a_sliding_window_are_not_packed(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from rlhflab.stages.rm import RewardModel, sharing_matches
+
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny_model("qwen2")))
+    model = RewardModel(lm, lm.config.hidden_size)
+    assert sharing_matches(model, lm.config.pad_token_id, "cpu", lm.config.vocab_size)
+    lm.config.use_sliding_window, lm.config.sliding_window = True, 4
+    assert not sharing_matches(model, lm.config.pad_token_id, "cpu", lm.config.vocab_size)

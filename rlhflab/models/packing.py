@@ -7,9 +7,9 @@ in a row of its own. The reward model scores the responses to one prompt this wa
 the n samples of one prompt (GRPO, RLOO) through the policy and the reference this way. Not
 every model honours a 4D mask and explicit positions (ALiBi models such as BLOOM read positions
 from a 2D mask; FlashAttention-2 kernels take no mask): callers check once and fall back. The
-check runs on a few made-up tokens, so a model whose sliding attention window is shorter than a
-packed row (some Mistral and Qwen2 configurations) would pass it and then see its window ignored
-by the custom mask on long rows: give such models `--share-prompt false`.
+check runs on a few made-up tokens, too short to show a sliding attention window being ignored
+by the custom mask, so models that declare one (Mistral, Qwen2 with use_sliding_window) are not
+packed at all.
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ def packing_agrees(module: torch.nn.Module, packed: Callable[[], torch.Tensor], 
     """Whether `packed()` gives what `alone()` gives (the same figures computed from packed rows
     and from single rows), in eval mode; any error counts as no. The tolerance is relative to
     the figures, loose enough for 16-bit weights."""
+    if any(_sliding_window(getattr(sub, "config", None)) for sub in module.modules()):
+        return False
     was_training = module.training
     module.eval()
     try:
@@ -97,3 +99,9 @@ def packing_agrees(module: torch.nn.Module, packed: Callable[[], torch.Tensor], 
         module.train(was_training)
     tolerance = 1e-3 if dtype == torch.float32 else 5e-2
     return bool(torch.isfinite(got).all()) and bool(((got - expected).abs() <= tolerance * (1 + expected.abs())).all())
+
+
+def _sliding_window(config) -> bool:
+    """Whether a model config declares a sliding attention window in use."""
+    return bool(config is not None and getattr(config, "sliding_window", None)
+                and getattr(config, "use_sliding_window", True))
