@@ -139,3 +139,32 @@ def test_models_with_a_sliding_window_are_not_packed(tiny_model):
     assert sharing_matches(model, lm.config.pad_token_id, "cpu", lm.config.vocab_size)
     lm.config.use_sliding_window, lm.config.sliding_window = True, 4
     assert not sharing_matches(model, lm.config.pad_token_id, "cpu", lm.config.vocab_size)
+
+
+def test_score_texts_packs_answers_to_one_prompt(tiny_model, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import rlhflab.stages.rm as rm
+    from rlhflab.stages.rm_model import score_texts
+
+    path = tiny_model("llama")
+    lm = AutoModelForCausalLM.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = rm.RewardModel(lm, lm.config.hidden_size).eval()
+    conversations = []
+    for question in ("What is 2 plus 3?", "Who made you?"):
+        for answer in ("5.", "It is five, I think.", "rlhflab", ""):
+            conversations.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+    conversations.append([{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."}])
+    calls = []
+    real = rm.score_groups
+    def counting(groups, *args, **kwargs):
+        calls.append([len(g) for g in groups])
+        return real(groups, *args, **kwargs)
+
+    monkeypatch.setattr(rm, "score_groups", counting)
+    packed = score_texts(model, tokenizer, conversations)
+    assert calls[-1] == [4, 4, 1]                                # answers to one prompt grouped
+    monkeypatch.setattr(rm, "sharing_matches", lambda *a, **k: False)
+    alone = score_texts(model, tokenizer, conversations)
+    assert packed == pytest.approx(alone, abs=1e-4)

@@ -158,16 +158,20 @@ def score_by_length(seqs: list[list[int]], model, pad_id: int, device, most: int
     return torch.cat(parts)[inverse.to(device)]
 
 
-def score_groups(groups: list[list[list[int]]], model, pad_id: int, device, share: bool, most: int = 16) -> torch.Tensor:
+def score_groups(groups: list[list[list[int]]], model, pad_id: int, device, share: bool,
+                 most: int | None = None) -> torch.Tensor:
     """(N,) scores of every sequence of every group, in order. With `share`, each group (the
     responses to one prompt) is one packed row whose prompt runs once: a pair of toy-world
-    answers is ~28% fewer tokens, a ranking of four ~45%. Without, as score_by_length."""
+    answers is ~28% fewer tokens, a ranking of four ~45%. Without, as score_by_length. `most`:
+    rows per forward pass (default 16 packed rows, or score_by_length's)."""
     if not share:
-        return score_by_length([s for g in groups for s in g], model, pad_id, device)
+        flat = [s for g in groups for s in g]
+        return score_by_length(flat, model, pad_id, device) if most is None else \
+            score_by_length(flat, model, pad_id, device, most=most)
     dtype = next(model.parameters()).dtype
     lengths = [packed_length(g) for g in groups]
     per_group: list[torch.Tensor | None] = [None] * len(groups)
-    for chunk in length_chunks(lengths, most=most):
+    for chunk in length_chunks(lengths, most=most or 16):
         packed = pack_groups([groups[i] for i in chunk], pad_id, device, dtype)
         scores = model(packed["input_ids"], packed["attention_mask"], packed["position_ids"], packed["read_at"])
         for i, part in zip(chunk, scores.split([len(groups[i]) for i in chunk])):

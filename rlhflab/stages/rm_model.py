@@ -77,10 +77,20 @@ def load_reward_model(path: str, placement, trust_remote_code: bool = False):
 
 @torch.no_grad()
 def score_texts(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32, max_length: int = 512) -> list[float]:
-    """Scores of full conversations whose last turn is the assistant's answer."""
+    """Scores of full conversations whose last turn is the assistant's answer. Neighbours that
+    share everything but that answer (best-of-n, an audit's answers to one prompt) run as one
+    packed row, the prompt once, when the model passes rm.sharing_matches."""
     from rlhflab.data.template import encode_chat
-    from rlhflab.stages.rm import score_by_length
+    from rlhflab.stages.rm import score_groups, sharing_matches
 
     device = next(model.parameters()).device
     seqs = [encode_chat(tokenizer, c, max_length).input_ids for c in conversations]
-    return score_by_length(seqs, model, tokenizer.pad_token_id, device, most=batch_size).tolist()
+    groups: list[list[list[int]]] = []
+    for index, seq in enumerate(seqs):
+        if index and conversations[index][:-1] == conversations[index - 1][:-1]:
+            groups[-1].append(seq)
+        else:
+            groups.append([seq])
+    share = len(groups) < len(seqs) and sharing_matches(model, tokenizer.pad_token_id, device, len(tokenizer))
+    most = max(1, batch_size // max(1, round(len(seqs) / len(groups)))) if share else batch_size
+    return score_groups(groups, model, tokenizer.pad_token_id, device, share, most=most).tolist()
