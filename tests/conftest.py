@@ -83,6 +83,21 @@ def tiny_model(tmp_path_factory, tokenizer_dir):
     return make
 
 
+@pytest.fixture(scope="session")
+def sft_and_rm(tiny_model, tmp_path_factory):
+    """An SFT model (plain dir) and a LoRA reward model on it, for the RL tests."""
+    from rlhflab.cli import main
+
+    root = tmp_path_factory.mktemp("rl")
+    sft = root / "sft"
+    assert main(["sft", "--model", str(tiny_model("llama")), "--data", str(SAMPLES / "sft_messages.jsonl"),
+                 "--out", str(sft), "--max-steps", "10", "--lr", "3e-3", "--progress", "false"]) == 0
+    rm = root / "rm"
+    assert main(["rm", "--model", str(sft), "--data", str(SAMPLES / "pairs.jsonl"), "--out", str(rm), "--lora",
+                 "--max-steps", "10", "--lr", "5e-3", "--progress", "false"]) == 0
+    return sft, rm
+
+
 def run_cli(*args, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `rlhflab ...` as a user would: a new process, real files, real exit codes."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

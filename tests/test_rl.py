@@ -14,19 +14,6 @@ from rlhflab.stages.rl import Alarm
 from conftest import SAMPLES
 
 
-@pytest.fixture(scope="module")
-def sft_and_rm(tiny_model, tmp_path_factory):
-    """An SFT model (plain dir) and a LoRA reward model on it."""
-    root = tmp_path_factory.mktemp("rl")
-    sft = root / "sft"
-    assert main(["sft", "--model", str(tiny_model("llama")), "--data", str(SAMPLES / "sft_messages.jsonl"),
-                 "--out", str(sft), "--max-steps", "10", "--lr", "3e-3", "--progress", "false"]) == 0
-    rm = root / "rm"
-    assert main(["rm", "--model", str(sft), "--data", str(SAMPLES / "pairs.jsonl"), "--out", str(rm), "--lora",
-                 "--max-steps", "10", "--lr", "5e-3", "--progress", "false"]) == 0
-    return sft, rm
-
-
 def ppo(sft, rm, out, *extra) -> dict:
     code = main(["ppo", "--policy", str(sft), "--reward", str(rm), "--prompts", str(SAMPLES / "prompts.jsonl"),
                  "--out", str(out), "--max-new-tokens", "8", "--rollout-prompts", "4", "--mini-batch", "4",

@@ -47,13 +47,8 @@ def test_packed_logprobs_equal_single_rows(arch, tiny_model):
         packed_response_logprobs(lm, ids, mask, prompt_len, group=2)
 
 
-def test_grpo_with_and_without_packing(tiny_model, tmp_path):
-    sft = tmp_path / "sft"
-    assert main(["sft", "--model", str(tiny_model("llama")), "--data", str(SAMPLES / "sft_messages.jsonl"),
-                 "--out", str(sft), "--max-steps", "5", "--lr", "3e-3", "--progress", "false"]) == 0
-    rm = tmp_path / "rm"
-    assert main(["rm", "--model", str(sft), "--data", str(SAMPLES / "pairs.jsonl"), "--out", str(rm), "--lora",
-                 "--max-steps", "3", "--lr", "5e-3", "--progress", "false"]) == 0
+def test_grpo_with_and_without_packing(sft_and_rm, tmp_path):
+    sft, rm = sft_and_rm
     runs = {}
     for share in ("true", "false"):
         out = tmp_path / f"grpo-{share}"

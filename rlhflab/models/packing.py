@@ -28,8 +28,9 @@ def common_prefix_length(seqs: list[list[int]]) -> int:
     return n
 
 
-def packed_length(seqs: list[list[int]], prefix: int | None = None) -> int:
-    p = (common_prefix_length(seqs) if len(seqs) > 1 else 0) if prefix is None else prefix
+def packed_length(seqs: list[list[int]]) -> int:
+    """Length of the row pack_groups makes of `seqs` (the longest common prefix once)."""
+    p = common_prefix_length(seqs) if len(seqs) > 1 else 0
     return p + sum(len(s) - p for s in seqs)
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from rlhflab.errors import UsageError
 from rlhflab.losses import entropy_from_logits, gather_logprobs
 from rlhflab.models.heads import causal_lm, logits_at
-from rlhflab.models.packing import packing_agrees
+from rlhflab.models.packing import pack_groups, packing_agrees
 
 
 @contextlib.contextmanager
@@ -85,8 +85,6 @@ def pack_rollout(input_ids, attention_mask, prompt_len: int, group: int, dtype) 
     packed rows (models/packing.py): the prompt once, then each sample's last prompt token and
     response at their own positions. Returns the forward arguments and the (rows, T) selection of
     the positions that predict response tokens, in the rows' order."""
-    from rlhflab.models.packing import pack_groups
-
     groups, prefixes = [], []
     for start in range(0, input_ids.shape[0], group):
         rows = input_ids[start:start + group, :prompt_len]
@@ -117,7 +115,7 @@ def packed_response_logprobs(model, input_ids, attention_mask, prompt_len: int, 
 
 def hidden_states(model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
     """(B, T, H) last hidden states of the transformer body (no LM head). Explicit `position_ids`
-    go with a 4D attention mask (rows packed by rm.pack_groups)."""
+    go with a 4D attention mask (rows packed by models/packing.py)."""
     lm = causal_lm(model)
     body = lm.base_model
     if position_ids is None:
