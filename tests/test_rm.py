@@ -66,9 +66,12 @@ def test_harden_adds_degenerate_rejected_answers(tiny_model):
     records, _ = load_records(str(SAMPLES / "pairs.jsonl"), "preference")
     plain, _ = encode_pair_rows(records[:3], tok, 128, harden=False)
     hard, _ = encode_pair_rows(records[:3], tok, 128, harden=True)
-    assert len(as_pairs(plain)) == 3 and len(as_pairs(hard)) == 3 * (1 + 9)
+    assert [len(bad) for _, _, bad in as_pairs(plain)] == [0, 0, 0]
+    assert [len(bad) for _, _, bad in as_pairs(hard)] == [9, 9, 9], "each pair carries its prompt's degenerate answers"
     some, _ = encode_pair_rows(records[:3], tok, 128, harden=True, harden_kinds=3)
-    assert len(as_pairs(some)) == 3 * (1 + 3)
+    assert [len(bad) for _, _, bad in as_pairs(some)] == [3, 3, 3]
+    ranking = as_pairs([{"seqs": [[1], [2], [3], [4]], "n_real": 3}])
+    assert ranking == [([1], [2], [[4]]), ([1], [3], []), ([2], [3], [])], "a ranking's first pair carries them"
     assert len({tuple(row["seqs"][-1]) for row in some}) == 3, "the kinds rotate over the prompts"
 
 
@@ -91,6 +94,18 @@ def test_hardening_pairs_are_their_own_weighted_mean(loss):
     hard = -torch.nn.functional.logsigmoid(torch.tensor([2.0 - -1.0, 2.0 - 3.0])).mean()
     torch.testing.assert_close(total, real + 0.3 * hard)
     assert metrics["harden_accuracy"] == 0.5 and metrics["pairs"] == 5
+
+
+def test_pairwise_hardening_rides_with_the_real_pairs(tiny_model, tmp_path):
+    """Every logged step trains on real pairs, with the degenerate answers beside them: hardening no
+    longer forms batches of its own (which, grouped by length, it did, and which crashed the logging)."""
+    summary = train_rm(tiny_model("llama"), tmp_path / "rm", SAMPLES / "pairs.jsonl", "--loss", "pairwise",
+                       "--harden", "--max-steps", 12)
+    rows = read_metrics(tmp_path / "rm" / "metrics.jsonl")
+    assert len(rows) == 12
+    # each real pair brings its prompt's 3 degenerate answers (--harden-kinds 3), in every batch
+    assert all(r["pairs"] % (1 + 3) == 0 and "accuracy" in r and "harden_accuracy" in r for r in rows), rows
+    assert summary["train_pairs"] == sum(r["pairs"] for r in rows)
 
 
 def test_audit_flags_a_reward_model_that_prefers_short_answers(tiny_model, tmp_path, cli):

@@ -269,6 +269,8 @@ def normalise(row, fmt: str, kind: str, hc3_answers: str = "chatgpt") -> list[Re
         if kind == "prompts":
             return [Record(prompt, meta=meta)]
         chosen, rejected = _answer(row, "chosen"), _answer(row, "rejected")
+        if "chosen_gold" in row and "rejected_gold" in row:   # toy-world pairs: the clean judge's scores
+            meta = {**meta, "gold_scores": [row["chosen_gold"], row["rejected_gold"]]}
         return [Record(prompt, [chosen, rejected], meta=meta)]
     if fmt == "rankings":
         prompt = _prompt(row)

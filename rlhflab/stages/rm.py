@@ -37,7 +37,7 @@ class RMConfig(ModelOptions, DataOptions, TrainOptions):
     margin: float = opt(0.0, "Bradley-Terry margin subtracted from r_chosen - r_rejected")
     center_coef: float = opt(0.0, "weight of the term that keeps scores near zero mean")
     harden: bool = opt(False, "add degenerate answers (empty, repeated, filler ...) as extra rejected responses")
-    harden_weight: float = opt(0.1, "--harden: weight of the (best, degenerate) pairs' mean loss beside the real comparisons'")
+    harden_weight: float = opt(1.0, "--harden: weight of the (best, degenerate) pairs' mean loss beside the real comparisons'")
     harden_kinds: int = opt(3, "--harden: degenerate answers added per prompt, rotating over all kinds (0 = all)")
     batch_size: int = opt(8, "pairs (pairwise) or prompts (ranking) per micro-batch")
     lr: float = opt(1e-4, "peak learning rate")
@@ -116,13 +116,16 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
-def as_pairs(rows: list[dict]) -> list[tuple[list[int], list[int], bool]]:
-    """Every (better, worse, is_hardening) of every row: rankings expand to K-choose-2, hardening adds (best, bad)."""
+def as_pairs(rows: list[dict]) -> list[tuple[list[int], list[int], list[list[int]]]]:
+    """Every (better, worse, degenerate answers) of every row: rankings expand to K-choose-2, and a
+    row's degenerate answers ride with its first pair, so that hardening is mixed into every batch
+    at the data's own rate (as items of their own, three or nine per real pair, they made up most
+    of the training items, and batches grouped by length held nothing else)."""
     pairs = []
     for row in rows:
         seqs, n = row["seqs"], row["n_real"]
-        pairs += [(seqs[i], seqs[j], False) for i in range(n) for j in range(i + 1, n)]
-        pairs += [(seqs[0], bad, True) for bad in seqs[n:]]
+        real = [(seqs[i], seqs[j]) for i in range(n) for j in range(i + 1, n)]
+        pairs += [(better, worse, seqs[n:] if index == 0 else []) for index, (better, worse) in enumerate(real)]
     return pairs
 
 
@@ -200,13 +203,16 @@ def batch_loss(model, items, config, pad_id, device, share: bool = False):
     pairs with K = 4 and three degenerate answers) and teach little but "longer is better".
     """
     if config.loss == "pairwise":
-        scores = score_groups([list(pair[:2]) for pair in items], model, pad_id, device, share).view(-1, 2)
-        hard = torch.tensor([pair[2] for pair in items], device=device)
-        real = ~hard
-        loss, metrics = losses.bradley_terry_loss(scores[real, 0], scores[real, 1], margin=config.margin or None,
-                                                  center_coef=config.center_coef) if real.any() else (None, {})
-        metrics = {**metrics, "pairs": float(real.sum())}
-        return _add_hardening(loss, metrics, scores[hard, 0], scores[hard, 1], config.harden_weight)
+        flat = score_groups([[better, worse, *bad] for better, worse, bad in items], model, pad_id, device, share)
+        sizes = [2 + len(bad) for _, _, bad in items]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        first = torch.tensor(starts, device=device)
+        loss, metrics = losses.bradley_terry_loss(flat[first], flat[first + 1], margin=config.margin or None,
+                                                  center_coef=config.center_coef)
+        best = [start for start, size in zip(starts, sizes) for _ in range(size - 2)]
+        bad = [start + 2 + j for start, size in zip(starts, sizes) for j in range(size - 2)]
+        return _add_hardening(loss, {**metrics, "pairs": float(len(items))}, flat[best], flat[bad],
+                              config.harden_weight)
     # Ranking: all K responses of each prompt in one forward batch, real ones ranked, degenerate ones last.
     width = max(len(r["seqs"]) for r in items)
     flat = score_groups([r["seqs"] for r in items], model, pad_id, device, share)
@@ -296,7 +302,7 @@ def run(config: RMConfig) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if config.lora:
         common.checkpoint_trainable_only(accelerator)
-    lengths = [len(item[0]) + len(item[1]) for item in items] if config.loss == "pairwise" else \
+    lengths = [sum(map(len, item[:2])) + sum(map(len, item[2])) for item in items] if config.loss == "pairwise" else \
         [sum(map(len, item["seqs"])) for item in items]
     order = common.BatchOrder(lengths, config.batch_size, config.seed, config.group_by_length)
     metrics_log = common.start_outputs(setup, config)
@@ -315,7 +321,7 @@ def run(config: RMConfig) -> dict:
             loss, row = batch_loss(model, batch, config, pad_id, device, share)
             common.check_finite(loss, "the reward-model loss", step + 1, last_checkpoint)
             accelerator.backward(loss / config.grad_accum)
-            seen_pairs += len(batch) if config.loss == "pairwise" else int(row["pairs"])
+            seen_pairs += int(row["pairs"])
         common.optimizer_step(accelerator, model.parameters(), optimizer, scheduler, config.max_grad_norm)
         step += 1
         train_time += time.perf_counter() - started
