@@ -122,12 +122,6 @@ def sampling_params(config: ChatConfig, tokenizer, turn: int):
                           seed=config.seed + turn)
 
 
-def context_limit(model) -> int | None:
-    """Longest sequence the model's positions allow (None: no fixed limit, e.g. ALiBi)."""
-    model_config = getattr(model, "config", None)
-    return getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
-
-
 def fit_context(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], int, bool]:
     """Drop the oldest exchanges until the prompt fits `budget` tokens.
 
@@ -164,6 +158,8 @@ def chat_loop(model, tokenizer, config: ChatConfig, read_line: Callable[[str], s
 
     read_line(prompt) returns a line, or None at end of input; write(text) shows text at once.
     """
+    from rlhflab.models.loading import context_limit
+
     system = config.system
     history = fresh_history(system)
     limit = context_limit(model)

@@ -140,6 +140,16 @@ def load_causal_lm(name: str, placement: Placement, trust_remote_code: bool = Fa
     return model.to(placement.device)
 
 
+def context_limit(model) -> int | None:
+    """Longest sequence the model's positions allow (None: no fixed limit, e.g. ALiBi), read from
+    the first Hugging Face config inside `model` (a wrapper such as a reward model holds one)."""
+    for module in model.modules() if isinstance(model, torch.nn.Module) else [model]:
+        model_config = getattr(module, "config", None)
+        if model_config is not None:
+            return getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    return None
+
+
 def enable_gradient_checkpointing(module) -> int:
     """Activation checkpointing on every trainable HF model inside `module`; returns how many.
 

@@ -38,8 +38,10 @@ class RLConfig(ModelOptions, TrainOptions):
 
     stage = "ppo"
     policy: str | None = opt(None, "the SFT model (directory or adapter): initial policy and the reference")
-    reward: str | None = opt(None, "reward model directory written by `rlhflab rm`, or 'judge': the toy world's "
-                                   "gold judge as a programmatic reward (toy-world prompts; the critic starts from SFT)")
+    reward: str | None = opt(None, "reward model directory written by `rlhflab rm`; a Hugging Face sequence "
+                                   "classifier with one label (scores the answer's text with its own tokenizer and "
+                                   "template); or 'judge': the toy world's gold judge as a programmatic reward "
+                                   "(toy-world prompts). With the last two the critic starts from SFT")
     prompts: str | None = opt(None, "prompts file (prompts/messages/pairs/rankings formats are accepted)")
     estimator: str = opt("gae", "advantages: gae (PPO with a critic), grpo, rloo, reinforce++",
                          ("gae", "grpo", "rloo", "reinforce++"))
@@ -82,7 +84,8 @@ class RLConfig(ModelOptions, TrainOptions):
     probe_every: int = opt(10, "append responses to the probe prompts to samples.jsonl every N steps (0 = off)")
     alarm_window: int = opt(5, "logged steps over which reward and gold-score trends are compared")
     max_nonfinite: int = opt(3, "stop after this many non-finite batches in a row")
-    judge_rm: str | None = opt(None, "a second, held-out reward model used as the gold signal when prompts are not toy-world ones")
+    judge_rm: str | None = opt(None, "a second, held-out reward model (from `rlhflab rm`, or a Hugging Face sequence "
+                                     "classifier) used as the gold signal when prompts are not toy-world ones")
     max_rows: int = opt(0, "use at most this many prompts (0 = all)")
     max_length: int = opt(256, "longest prompt in tokens (longer prompts keep their end)")
     lr: float = opt(1e-4, "policy learning rate")
@@ -94,7 +97,8 @@ class RLConfig(ModelOptions, TrainOptions):
         if not self.policy and not self.model:
             raise UsageError("give --policy (the SFT model directory or adapter)")
         if not self.reward:
-            raise UsageError("give --reward (a reward model directory from `rlhflab rm`)")
+            raise UsageError("give --reward (a reward model from `rlhflab rm`, a Hugging Face sequence classifier, "
+                             "or 'judge' on toy-world prompts)")
         if not self.prompts:
             raise UsageError("give --prompts (a file of prompts)")
         if self.estimator in ("grpo", "rloo") and self.n_samples < 2:
@@ -140,21 +144,23 @@ class GoldSignal:
     """The ground truth the monitors compare the reward with: the toy world's judge on world
     prompts, or a second, held-out reward model (--judge-rm)."""
 
-    def __init__(self, records, judge_rm=None):
+    def __init__(self, records, judge_rm=None, judge_text=None):
         from rlhflab.world import judge
 
-        self.judge, self.judge_rm = judge, judge_rm
+        self.judge, self.judge_rm, self.judge_text = judge, judge_rm, judge_text
         self.world = all(r.meta.get("family") for r in records)
 
     @property
     def available(self) -> bool:
-        return self.world or self.judge_rm is not None
+        return self.world or self.judge_rm is not None or self.judge_text is not None
 
     def __call__(self, records, texts, input_ids=None, attention_mask=None) -> float | None:
         if self.world:
             return sum(self.judge(r.messages, t, r.meta).score for r, t in zip(records, texts)) / len(texts)
         if self.judge_rm is not None:
             return float(self.judge_rm.scores(input_ids, attention_mask).mean())
+        if self.judge_text is not None:
+            return sum(self.judge_text(records, texts)) / len(texts)
         return None
 
 
@@ -184,7 +190,8 @@ class Alarm:
 
 
 @torch.no_grad()
-def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, moments) -> tuple[Rollout, dict, list[str]]:
+def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, moments,
+            text_reward=None) -> tuple[Rollout, dict, list[str]]:
     from rlhflab.data.template import encode_prompt, stop_token_ids
     from rlhflab.engine import SamplingParams, generate
     from rlhflab.stages.rl_roles import active_adapter
@@ -215,8 +222,8 @@ def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, mome
         old_logprobs, entropy = passes(
             lambda ids, am: roles.logprobs("policy", ids, am, prompt_len, with_entropy=True, group=roles.pack_group))
     ref_logprobs = passes(lambda ids, am: roles.logprobs("reference", ids, am, prompt_len, group=roles.pack_group)[0])
-    if config.reward == JUDGE:
-        raw_scores = torch.tensor(judge_scores(records, gen.texts), device=mask.device)
+    if text_reward is not None:
+        raw_scores = torch.tensor(text_reward(records, gen.texts), device=mask.device)
     else:
         raw_scores = passes(lambda ids, am: roles.scores(ids, am)).float()              # (B,)
     scores = raw_scores - config.missing_eos_penalty * (~gen.finished).float()
@@ -359,7 +366,8 @@ def probe_records(records, world: bool) -> list:
 
 
 @torch.no_grad()
-def write_probes(path: Path, roles, tokenizer, probes, config: RLConfig, step: int, gold: GoldSignal) -> None:
+def write_probes(path: Path, roles, tokenizer, probes, config: RLConfig, step: int, gold: GoldSignal,
+                 text_reward=None) -> None:
     from rlhflab.data.template import encode_prompt, stop_token_ids
     from rlhflab.engine import SamplingParams, generate
     from rlhflab.stages.rl_roles import active_adapter
@@ -369,13 +377,50 @@ def write_probes(path: Path, roles, tokenizer, probes, config: RLConfig, step: i
     with active_adapter(roles.lm, "default") if roles.lora else contextlib.nullcontext():
         gen = generate(roles.lm, tokenizer, [encode_prompt(tokenizer, r.messages) for r in probes], params, step=step)
     ids, mask = gen.sequences()
-    scores = judge_scores(probes, gen.texts) if config.reward == JUDGE else roles.scores(ids, mask).tolist()
+    scores = text_reward(probes, gen.texts) if text_reward is not None else roles.scores(ids, mask).tolist()
     with path.open("a", encoding="utf-8") as handle:
         for record, text, score in zip(probes, gen.texts, scores):
             row = {"step": step, "prompt": record.messages[-1]["content"], "response": text, "reward": round(score, 4)}
             if gold.world:
                 row["gold"] = round(gold.judge(record.messages, text, record.meta).score, 4)
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def gold_signal(records, config: RLConfig, placement) -> GoldSignal:
+    """The monitors' ground truth: the toy world's judge, or --judge-rm (either kind of reward model)."""
+    from rlhflab.stages.rl_roles import load_judge_rm
+    from rlhflab.stages.rm_model import is_sequence_classifier
+
+    if not config.judge_rm:
+        return GoldSignal(records)
+    if is_sequence_classifier(config.judge_rm):
+        return GoldSignal(records, judge_text=classifier_scores(config.judge_rm, placement, config, "--judge-rm"))
+    return GoldSignal(records, load_judge_rm(config.judge_rm, placement))
+
+
+def classifier_scores(path: str, placement, config: RLConfig, option: str):
+    """Scores of (record, answer text) pairs by a Hugging Face sequence classifier at `path`."""
+    from rlhflab.stages.rm_model import load_sequence_classifier, score_texts
+
+    model, tokenizer = load_sequence_classifier(path, placement, config.trust_remote_code, option)
+
+    def scores(records, texts: list[str]) -> list[float]:
+        return score_texts(model, tokenizer, [r.messages + [{"role": "assistant", "content": text}]
+                                              for r, text in zip(records, texts)])
+    return scores
+
+
+def text_reward(config: RLConfig, placement):
+    """A reward computed from each answer's text, not from the policy's tokens: the toy world's
+    judge (--reward judge), or a Hugging Face sequence classifier, which has its own tokenizer and
+    chat template and so re-reads prompt and answer as text. None for a reward model written by
+    `rlhflab rm`, which scores the policy's own tokens (on the shared base, under --lora)."""
+    if config.reward == JUDGE:
+        return judge_scores
+    from rlhflab.stages.rm_model import is_sequence_classifier
+
+    return classifier_scores(config.reward, placement, config, "--reward") if is_sequence_classifier(config.reward) \
+        else None
 
 
 def judge_scores(records, texts: list[str]) -> list[float]:
@@ -397,7 +442,7 @@ def dump_nonfinite(out: Path, step: int, records, reason: str) -> None:
 
 def run(config: RLConfig) -> dict:
     from rlhflab.data.formats import load_records
-    from rlhflab.stages.rl_roles import base_weight_copies, load_judge_rm, load_roles, save_policy
+    from rlhflab.stages.rl_roles import base_weight_copies, load_roles, save_policy
 
     # Load.
     records, stats = load_records(config.prompts, "prompts", option="--prompts", max_rows=config.max_rows)
@@ -406,6 +451,7 @@ def run(config: RLConfig) -> dict:
                          "prompts without a toy-world meta.family (export them with `rlhflab world export`)")
     setup = common.prepare_stage(config)
     roles, tokenizer, info = load_roles(config, setup.placement)
+    reward_from_text = text_reward(config, setup.placement)
     if (config.share_prompt and config.estimator != "gae" and config.n_samples > 1
             and config.mini_batch % config.n_samples == 0):
         if roles.packing_matches(len(tokenizer)):
@@ -413,7 +459,7 @@ def run(config: RLConfig) -> dict:
         else:
             print("note: this model does not give packed rows the log-probs of single ones (4D attention mask); "
                   "each sample runs with its own copy of the prompt", file=sys.stderr)
-    gold = GoldSignal(records, load_judge_rm(config.judge_rm, setup.placement) if config.judge_rm else None)
+    gold = gold_signal(records, config, setup.placement)
     probes = probe_records(records, gold.world)
 
     # Build.
@@ -452,7 +498,8 @@ def run(config: RLConfig) -> dict:
         started = time.perf_counter()
         batch_records = [records[i] for i in order.next() for _ in range(config.n_samples)]
         try:
-            rollout, row, texts = collect(roles_module, tokenizer, batch_records, config, step + 1, kl_ctl, moments)
+            rollout, row, texts = collect(roles_module, tokenizer, batch_records, config, step + 1, kl_ctl, moments,
+                                           reward_from_text)
             row.update(update(roles_module, optimizer, accelerator, rollout, config, kl_ctl, ptx))
             nonfinite = 0
         except FloatingPointError as exc:
@@ -482,7 +529,7 @@ def run(config: RLConfig) -> dict:
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl_k1']:.3f}", len=f"{row['response_len']:.1f}")
         if config.probe_every and (step % config.probe_every == 0 or step == config.max_steps):
-            write_probes(samples_path, roles_module, tokenizer, probes, config, step, gold)
+            write_probes(samples_path, roles_module, tokenizer, probes, config, step, gold, reward_from_text)
         if config.save_every and step % config.save_every == 0 and step < config.max_steps:
             last_checkpoint = common.save_checkpoint(setup, config, step, order, {
                 "kl_controller": kl_ctl.state_dict(), "reward_moments": moments.state_dict()})

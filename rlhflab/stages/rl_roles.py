@@ -301,7 +301,11 @@ def load_roles(config, placement):
     from rlhflab.models.loading import adapter_base, is_adapter_dir, load_causal_lm, load_tokenizer
 
     policy_dir = config.policy or config.model
-    rm_dir = None if config.reward == "judge" else config.reward   # the judge needs no model, and no critic init
+    from rlhflab.stages.rm_model import is_sequence_classifier
+
+    # The judge and a Hugging Face sequence classifier score text (rl.text_reward): no reward role,
+    # and the critic starts from the SFT model.
+    rm_dir = None if config.reward == "judge" or is_sequence_classifier(config.reward) else config.reward
     critic_init = config.critic_init if rm_dir else "sft"
     for option, path in (("--policy", policy_dir), ("--reward", rm_dir)):
         if path is not None and not Path(path).is_dir():

@@ -50,7 +50,8 @@ class AuditConfig:
     """Score degenerate answers against good ones; flag a reward model that prefers them."""
 
     stage = "rm-audit"
-    model: str | None = opt(None, "reward model directory written by `rlhflab rm`")
+    model: str | None = opt(None, "reward model: a directory written by `rlhflab rm`, or a Hugging Face "
+                                  "sequence classifier with one label")
     prompts: str | None = opt(None, "prompts (toy-world prompts carry their reference answer in meta)")
     reference: str | None = opt(None, "file giving a good answer per prompt: rankings/pairs (best answer) or messages")
     strict: bool = opt(False, "exit with status 1 when any kind is above the 5% threshold")
@@ -146,7 +147,8 @@ class ScoreConfig:
     """Score every response of a file (pairs, rankings or conversations) with a reward model."""
 
     stage = "rm-score"
-    model: str | None = opt(None, "reward model directory written by `rlhflab rm`")
+    model: str | None = opt(None, "reward model: a directory written by `rlhflab rm`, or a Hugging Face "
+                                  "sequence classifier with one label")
     data: str | None = opt(None, "pairs, rankings or conversations to score")
     out: str | None = opt(None, "write {prompt, response, score} lines here (JSONL)")
     device: str = opt("auto", "where to run", ("auto", "cpu", "cuda"))

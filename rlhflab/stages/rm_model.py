@@ -9,8 +9,8 @@ import torch
 
 from rlhflab.errors import UsageError
 
-from rlhflab.models.loading import (adapter_base, apply_lora, is_adapter_dir, load_causal_lm, load_tokenizer,
-                                    record_adapter_base, resize_for_tokenizer)
+from rlhflab.models.loading import (adapter_base, apply_lora, context_limit, is_adapter_dir, load_causal_lm,
+                                    load_tokenizer, record_adapter_base, resize_for_tokenizer)
 from rlhflab.stages.rm import RewardModel
 
 
@@ -53,15 +53,69 @@ def save_reward_model(model: RewardModel, tokenizer, out: Path, info: dict) -> N
     (out / "reward_config.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
-def load_reward_model(path: str, placement, trust_remote_code: bool = False):
-    """A frozen reward model and its tokenizer from a directory written by `rlhflab rm`."""
+class SequenceClassifierReward(torch.nn.Module):
+    """A Hugging Face `*ForSequenceClassification` model with one label, used as a reward model
+    (what TRL's RewardTrainer and most published reward models save). The score is the model's own
+    output, pooled where the model pools: its last token that is not its pad token."""
+
+    def __init__(self, model, pad_id: int):
+        super().__init__()
+        self.model, self.pad_id = model, pad_id
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids=None, read_at=None):
+        if read_at is not None:   # rm.sharing_matches takes this as "cannot pack" and scores row by row
+            raise NotImplementedError("a sequence classifier pools its own last token: packed rows cannot be read")
+        ids = input_ids.masked_fill(attention_mask == 0, self.pad_id)   # its pad, not ours: that is what it skips
+        return self.model(input_ids=ids, attention_mask=attention_mask).logits[:, 0].float()
+
+
+def is_sequence_classifier(name: str | None) -> bool:
+    """Whether `name` (a local directory) holds a Hugging Face sequence classifier rather than a
+    reward model written by `rlhflab rm` (a causal LM with score_head.safetensors)."""
+    path = Path(name) if name else None
+    if path is None or not (path / "config.json").is_file() or (path / "score_head.safetensors").exists():
+        return False
+    try:
+        architectures = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def load_sequence_classifier(path: str, placement, trust_remote_code: bool = False, option: str = "--model"):
+    """A frozen SequenceClassifierReward and its own tokenizer (and chat template) from `path`."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=placement.dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{option} {path}: cannot load the sequence classifier: {exc}") from None
+    if model.config.num_labels != 1:
+        raise UsageError(f"{option} {path}: a sequence classifier with {model.config.num_labels} labels; "
+                         "a reward model has exactly one (a scalar score)")
+    pad_id = model.config.pad_token_id
+    if pad_id is None:   # pool after the last real token; EOS is what such models are usually padded with
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+        model.config.pad_token_id = pad_id
+    reward = SequenceClassifierReward(model, pad_id)
+    reward.requires_grad_(False)
+    return reward.to(placement.device).eval(), tokenizer
+
+
+def load_reward_model(path: str, placement, trust_remote_code: bool = False, option: str = "--model"):
+    """A frozen reward model and its tokenizer: a directory written by `rlhflab rm`, or a Hugging
+    Face sequence classifier with one label (SequenceClassifierReward)."""
     from peft import PeftModel
 
     from rlhflab.errors import UsageError
     from rlhflab.stages.rl_roles import load_score_head
 
+    if is_sequence_classifier(path):
+        return load_sequence_classifier(path, placement, trust_remote_code, option)
     if not Path(path).is_dir():
-        raise UsageError(f"--model {path}: no such directory")
+        raise UsageError(f"{option} {path}: no such directory")
     tokenizer = load_tokenizer(path, trust_remote_code)
     if is_adapter_dir(path):
         base = load_causal_lm(adapter_base(path), placement, trust_remote_code)
@@ -84,6 +138,7 @@ def score_texts(model, tokenizer, conversations: list[list[dict]], batch_size: i
     from rlhflab.stages.rm import score_groups, sharing_matches
 
     device = next(model.parameters()).device
+    max_length = min(max_length, context_limit(model) or max_length)   # GPT-2 style learned positions end
     seqs = [encode_chat(tokenizer, c, max_length).input_ids for c in conversations]
     groups: list[list[list[int]]] = []
     for index, seq in enumerate(seqs):

@@ -1,0 +1,99 @@
+"""A Hugging Face sequence classifier (what TRL's RewardTrainer and most published reward models
+save) as the reward model: `rm score`, `rm audit` and `ppo --reward` read the answer as text with
+the classifier's own tokenizer, pooled where the classifier pools."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlhflab.cli import main
+
+from conftest import SAMPLES, sample_texts, tiny_config
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A GPT-2 sequence classifier with its own tokenizer (another vocabulary than the policy's)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhflab.models.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("seqcls")
+    train_tokenizer(sample_texts(), 450, root / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+
+    def build(labels: int):
+        out = root / f"labels-{labels}"
+        config = tiny_config("gpt2", tokenizer)
+        config.num_labels = labels
+        config.architectures = ["GPT2ForSequenceClassification"]
+        torch.manual_seed(0)
+        AutoModelForSequenceClassification.from_config(config).save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        return out
+
+    return build
+
+
+def alone_scores(path, conversations) -> list[float]:
+    """Each conversation scored on its own (a batch of one: no padding to get wrong)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhflab.data.template import encode_chat
+    from rlhflab.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(path))
+    model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([encode_chat(tokenizer, c, 512).input_ids])).logits[0, 0].item()
+                for c in conversations]
+
+
+def test_rm_score_equals_the_classifier_on_each_answer_alone(classifier, tmp_path, cli):
+    path = classifier(1)
+    out = tmp_path / "scores.jsonl"
+    result = cli("rm", "score", "--model", path, "--data", SAMPLES / "pairs.jsonl", "--out", out)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()][:12]
+    conversations = [r["prompt"] + [{"role": "assistant", "content": r["response"]}] for r in rows]
+    expected = alone_scores(path, conversations)
+    assert len(set(round(x, 4) for x in expected)) > 1, "a constant classifier would prove nothing"
+    torch.testing.assert_close(torch.tensor([r["score"] for r in rows]), torch.tensor(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_audit_runs_on_a_classifier(classifier, tmp_path, cli):
+    result = cli("rm", "audit", "--model", classifier(1), "--reference", SAMPLES / "pairs.jsonl",
+                 "--out", tmp_path / "audit.json", "--max-rows", 8)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "audit.json").read_text())
+    assert report["prompts"] == 8 and set(report["kinds"]) >= {"empty", "prompt_copy"}
+
+
+def test_a_classifier_with_two_labels_is_refused(classifier, tmp_path, cli):
+    result = cli("rm", "score", "--model", classifier(2), "--data", SAMPLES / "pairs.jsonl",
+                 "--out", tmp_path / "s.jsonl")
+    assert result.returncode == 2 and "2 labels" in result.stderr, result.stderr
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+@pytest.mark.parametrize("mode", ["--lora", "--no-lora"])
+def test_ppo_against_a_classifier_scores_the_answer_text(mode, classifier, sft_and_rm, tmp_path):
+    """The policy's tokenizer differs from the classifier's: every probe's logged reward must be
+    the classifier's score of that prompt and answer, read as text."""
+    sft, _ = sft_and_rm
+    path, out = classifier(1), tmp_path / "ppo"
+    code = main(["ppo", "--policy", str(sft), "--reward", str(path), "--prompts", str(SAMPLES / "prompts.jsonl"),
+                 "--out", str(out), "--max-new-tokens", "8", "--rollout-prompts", "4", "--mini-batch", "4",
+                 "--max-steps", "2", "--probe-every", "1", "--progress", "false", mode])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2
+    probes = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    conversations = [[{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["response"]}]
+                     for p in probes]
+    expected = alone_scores(path, conversations)
+    torch.testing.assert_close(torch.tensor([p["reward"] for p in probes]), torch.tensor(expected),
+                               rtol=1e-3, atol=1e-3)
