@@ -87,10 +87,13 @@ def test_ppo_against_a_classifier_scores_the_answer_text(mode, classifier, sft_a
     path, out = classifier(1), tmp_path / "ppo"
     code = main(["ppo", "--policy", str(sft), "--reward", str(path), "--prompts", str(SAMPLES / "prompts.jsonl"),
                  "--out", str(out), "--max-new-tokens", "8", "--rollout-prompts", "4", "--mini-batch", "4",
-                 "--max-steps", "2", "--probe-every", "1", "--progress", "false", mode])
+                 "--max-steps", "2", "--probe-every", "1", "--progress", "false", "--judge-rm", str(path), mode])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the same classifier as --judge-rm: the monitors' gold signal is the mean raw reward
+    assert all(abs(r["gold"] - r["reward"]) < 1e-4 for r in logged if "reward" in r), logged
     probes = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     conversations = [[{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["response"]}]
                      for p in probes]
