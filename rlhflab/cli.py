@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "world export": ("rlhflab.config:WorldExportConfig", "rlhflab.commands:world_export", "write the toy world's data files"),
     "rm": ("rlhflab.stages.rm:RMConfig", "rlhflab.stages.rm:run", "reward model from preference pairs or K-way rankings"),
     "rm score": ("rlhflab.stages.rm_audit:ScoreConfig", "rlhflab.stages.rm_audit:score_command", "score a file of responses with a reward model"),
+    "rm export": ("rlhflab.stages.rm_model:ExportConfig", "rlhflab.stages.rm_model:export_command", "write a reward model as a Hugging Face sequence classifier"),
     "rm audit": ("rlhflab.stages.rm_audit:AuditConfig", "rlhflab.stages.rm_audit:run", "check a reward model for reward hacks"),
     "ppo": ("rlhflab.stages.rl:RLConfig", "rlhflab.stages.rl:run", "RL against a reward model: PPO, GRPO, RLOO, REINFORCE++"),
     "dpo": ("rlhflab.stages.dpo:DPOConfig", "rlhflab.stages.dpo:run", "DPO and its variants (ipo, cdpo, simpo, rpo), offline or in online rounds"),

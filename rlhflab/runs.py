@@ -49,6 +49,24 @@ def atomic_write_jsonl(path: str | Path, rows) -> None:
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def atomic_write_directory(out: str | Path, fill) -> Path:
+    """Write a whole directory: `fill(tmp)` writes into a hidden sibling, which then takes the
+    place of `out`. A failure part-way leaves `out` as it was and no half-written directory."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
 def _jsonable(value):
     if isinstance(value, torch.Tensor):
         return value.tolist()

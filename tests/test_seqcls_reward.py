@@ -100,3 +100,24 @@ def test_ppo_against_a_classifier_scores_the_answer_text(mode, classifier, sft_a
     expected = alone_scores(path, conversations)
     torch.testing.assert_close(torch.tensor([p["reward"] for p in probes]), torch.tensor(expected),
                                rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch,lora", [("llama", True), ("gpt2", False)])
+def test_rm_export_scores_as_the_reward_model_less_its_bias(arch, lora, tiny_model, tmp_path, cli):
+    rm, exported = tmp_path / "rm", tmp_path / "exported"
+    assert main(["rm", "--model", str(tiny_model(arch)), "--data", str(SAMPLES / "pairs.jsonl"), "--out", str(rm),
+                 "--max-steps", "3", "--lr", "5e-3", "--progress", "false", "--eval-fraction", "0",
+                 "--lora" if lora else "--no-lora"]) == 0
+    result = cli("rm", "export", "--model", rm, "--out", exported)
+    assert result.returncode == 0, result.stderr
+    bias = json.loads((exported / "exported_from.json").read_text())["dropped_bias"]
+    assert bias != 0.0, "a trained head has a bias: the test would not see it dropped"
+    scores = {}
+    for name, path in (("rm", rm), ("exported", exported)):
+        assert cli("rm", "score", "--model", path, "--data", SAMPLES / "pairs.jsonl",
+                   "--out", tmp_path / f"{name}.jsonl").returncode == 0
+        scores[name] = torch.tensor([json.loads(line)["score"] for line in
+                                     (tmp_path / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()])
+    torch.testing.assert_close(scores["exported"], scores["rm"] - bias, rtol=1e-4, atol=1e-4)
+    again = cli("rm", "export", "--model", exported, "--out", tmp_path / "twice")
+    assert again.returncode == 2 and "already" in again.stderr and not (tmp_path / "twice").exists()

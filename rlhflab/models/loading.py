@@ -271,7 +271,7 @@ def record_adapter_base(out: Path, base_name: str) -> None:
 
 def merge_command(config) -> int:
     """`rlhflab merge --adapter DIR --out DIR`: a plain HF model directory."""
-    from rlhflab.runs import atomic_write_json
+    from rlhflab.runs import atomic_write_directory, atomic_write_json
 
     if not config.adapter or not config.out:
         raise UsageError("give --adapter (an adapter directory) and --out (where to write the merged model)")
@@ -280,16 +280,12 @@ def merge_command(config) -> int:
     placement = choose_placement("cpu", "fp32" if config.dtype == "auto" else config.dtype)
     model = load_causal_lm(config.adapter, placement, config.trust_remote_code, option="--adapter")
     tokenizer = load_tokenizer(config.adapter, config.trust_remote_code)
-    out = Path(config.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    import shutil
 
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp)
-    atomic_write_json(tmp / "merged_from.json", {"adapter": str(Path(config.adapter).resolve()),
-                                                  "base": adapter_base(config.adapter)})
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    def fill(tmp: Path) -> None:
+        save_model(model, tokenizer, tmp)
+        atomic_write_json(tmp / "merged_from.json", {"adapter": str(Path(config.adapter).resolve()),
+                                                      "base": adapter_base(config.adapter)})
+
+    out = atomic_write_directory(config.out, fill)
     print(f"merged model written to {out}")
     return 0

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from rlhflab.config import opt
 from rlhflab.errors import UsageError
 
 from rlhflab.models.loading import (adapter_base, apply_lora, context_limit, is_adapter_dir, load_causal_lm,
@@ -149,3 +152,56 @@ def score_texts(model, tokenizer, conversations: list[list[dict]], batch_size: i
     share = len(groups) < len(seqs) and sharing_matches(model, tokenizer.pad_token_id, device, len(tokenizer))
     most = max(1, batch_size // max(1, round(len(seqs) / len(groups)))) if share else batch_size
     return score_groups(groups, model, tokenizer.pad_token_id, device, share, most=most).tolist()
+
+
+@dataclass
+class ExportConfig:
+    """Write a reward model from `rlhflab rm` as a Hugging Face sequence classifier."""
+
+    stage = "rm-export"
+    model: str | None = opt(None, "reward model directory written by `rlhflab rm` (LoRA adapters are merged)")
+    out: str | None = opt(None, "output directory: an AutoModelForSequenceClassification with one label")
+    trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
+
+
+def export_command(config: ExportConfig) -> int:
+    """`rlhflab rm export`: the same body and head as an `*ForSequenceClassification` model, which
+    TRL, OpenRLHF and inference servers load as a reward model. Their score heads have no bias: the
+    bias is dropped and recorded, a constant that no comparison of two answers depends on."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhflab.models.loading import choose_placement
+    from rlhflab.runs import atomic_write_directory, atomic_write_json
+
+    if not config.model or not config.out:
+        raise UsageError("give --model (a reward model from `rlhflab rm`) and --out (where to write it)")
+    if is_sequence_classifier(config.model):
+        raise UsageError(f"--model {config.model}: already a Hugging Face sequence classifier")
+    reward, tokenizer = load_reward_model(config.model, choose_placement("cpu", "fp32"), config.trust_remote_code)
+    lm = reward.lm.merge_and_unload() if hasattr(reward.lm, "merge_and_unload") else reward.lm
+    model_config = copy.deepcopy(lm.config)
+    model_config.num_labels, model_config.pad_token_id = 1, tokenizer.pad_token_id
+    try:
+        classifier = AutoModelForSequenceClassification.from_config(model_config,
+                                                                    trust_remote_code=config.trust_remote_code)
+    except ValueError as exc:
+        raise UsageError(f"--model {config.model}: transformers has no sequence classifier for this "
+                         f"architecture: {exc}") from None
+    classifier.base_model.load_state_dict(lm.base_model.state_dict())
+    head, bias = classifier.score, reward.score_head.bias
+    with torch.no_grad():
+        head.weight.copy_(reward.score_head.weight)
+        if getattr(head, "bias", None) is not None:
+            head.bias.copy_(bias if bias is not None else torch.zeros_like(head.bias))
+    dropped = float(bias) if bias is not None and getattr(head, "bias", None) is None else 0.0
+
+    def fill(tmp: Path) -> None:
+        classifier.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        atomic_write_json(tmp / "exported_from.json", {"reward_model": str(Path(config.model).resolve()),
+                                                       "dropped_bias": dropped})
+
+    out = atomic_write_directory(config.out, fill)
+    print(f"{type(classifier).__name__} written to {out}" +
+          (f"; its scores are the reward model's minus {dropped:.6g} (the head's bias)" if dropped else ""))
+    return 0
