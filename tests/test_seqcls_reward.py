@@ -38,6 +38,21 @@ def classifier(tmp_path_factory):
     return build
 
 
+@pytest.fixture(scope="module")
+def other_vocab_rm(classifier, tmp_path_factory):
+    """A reward model from `rlhflab rm` on a causal LM whose tokenizer is not the policy's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("other-vocab")
+    tokenizer = AutoTokenizer.from_pretrained(str(classifier(1)))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", tokenizer)).save_pretrained(str(root / "lm"))
+    tokenizer.save_pretrained(str(root / "lm"))
+    assert main(["rm", "--model", str(root / "lm"), "--data", str(SAMPLES / "pairs.jsonl"), "--out", str(root / "rm"),
+                 "--max-steps", "3", "--lr", "5e-3", "--progress", "false", "--eval-fraction", "0"]) == 0
+    return root / "rm"
+
+
 def alone_scores(path, conversations) -> list[float]:
     """Each conversation scored on its own (a batch of one: no padding to get wrong)."""
     from transformers import AutoModelForSequenceClassification
@@ -79,12 +94,21 @@ def test_a_classifier_with_two_labels_is_refused(classifier, tmp_path, cli):
     assert not (tmp_path / "s.jsonl").exists()
 
 
-@pytest.mark.parametrize("mode", ["--lora", "--no-lora"])
-def test_ppo_against_a_classifier_scores_the_answer_text(mode, classifier, sft_and_rm, tmp_path):
-    """The policy's tokenizer differs from the classifier's: every probe's logged reward must be
-    the classifier's score of that prompt and answer, read as text."""
+def rm_scores(path, conversations) -> list[float]:
+    from rlhflab.models.loading import choose_placement
+    from rlhflab.stages.rm_model import load_reward_model, score_texts
+
+    return score_texts(*load_reward_model(str(path), choose_placement("cpu", "fp32")), conversations)
+
+
+@pytest.mark.parametrize("mode,reward", [("--lora", "classifier"), ("--no-lora", "classifier"),
+                                         ("--lora", "other vocabulary"), ("--no-lora", "other vocabulary")])
+def test_ppo_scores_the_answer_text_when_the_reward_model_reads_other_tokens(mode, reward, classifier, other_vocab_rm,
+                                                                              sft_and_rm, tmp_path):
+    """The policy's tokenizer is not the reward model's: every probe's logged reward must be the
+    reward model's score of that prompt and answer, read as text with its own tokenizer."""
     sft, _ = sft_and_rm
-    path, out = classifier(1), tmp_path / "ppo"
+    path, out = (classifier(1) if reward == "classifier" else other_vocab_rm), tmp_path / "ppo"
     code = main(["ppo", "--policy", str(sft), "--reward", str(path), "--prompts", str(SAMPLES / "prompts.jsonl"),
                  "--out", str(out), "--max-new-tokens", "8", "--rollout-prompts", "4", "--mini-batch", "4",
                  "--max-steps", "2", "--probe-every", "1", "--progress", "false", "--judge-rm", str(path), mode])
@@ -97,7 +121,7 @@ def test_ppo_against_a_classifier_scores_the_answer_text(mode, classifier, sft_a
     probes = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     conversations = [[{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["response"]}]
                      for p in probes]
-    expected = alone_scores(path, conversations)
+    expected = alone_scores(path, conversations) if reward == "classifier" else rm_scores(path, conversations)
     torch.testing.assert_close(torch.tensor([p["reward"] for p in probes]), torch.tensor(expected),
                                rtol=1e-3, atol=1e-3)
 

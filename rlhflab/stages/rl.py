@@ -386,23 +386,23 @@ def write_probes(path: Path, roles, tokenizer, probes, config: RLConfig, step: i
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def gold_signal(records, config: RLConfig, placement) -> GoldSignal:
-    """The monitors' ground truth: the toy world's judge, or --judge-rm (either kind of reward model)."""
+def gold_signal(records, config: RLConfig, placement, tokenizer) -> GoldSignal:
+    """The monitors' ground truth: the toy world's judge, or --judge-rm (any kind of reward model)."""
     from rlhflab.stages.rl_roles import load_judge_rm
-    from rlhflab.stages.rm_model import is_sequence_classifier
+    from rlhflab.stages.rm_model import reads_policy_tokens
 
     if not config.judge_rm:
         return GoldSignal(records)
-    if is_sequence_classifier(config.judge_rm):
-        return GoldSignal(records, judge_text=classifier_scores(config.judge_rm, placement, config, "--judge-rm"))
+    if not reads_policy_tokens(config.judge_rm, tokenizer, config.trust_remote_code):
+        return GoldSignal(records, judge_text=text_scores(config.judge_rm, placement, config, "--judge-rm"))
     return GoldSignal(records, load_judge_rm(config.judge_rm, placement))
 
 
-def classifier_scores(path: str, placement, config: RLConfig, option: str):
-    """Scores of (record, answer text) pairs by a Hugging Face sequence classifier at `path`."""
-    from rlhflab.stages.rm_model import load_sequence_classifier, score_texts
+def text_scores(path: str, placement, config: RLConfig, option: str):
+    """Scores of (record, answer text) pairs by the reward model at `path`, with its own tokenizer."""
+    from rlhflab.stages.rm_model import load_reward_model, score_texts
 
-    model, tokenizer = load_sequence_classifier(path, placement, config.trust_remote_code, option)
+    model, tokenizer = load_reward_model(path, placement, config.trust_remote_code, option)
 
     def scores(records, texts: list[str]) -> list[float]:
         return score_texts(model, tokenizer, [r.messages + [{"role": "assistant", "content": text}]
@@ -410,17 +410,19 @@ def classifier_scores(path: str, placement, config: RLConfig, option: str):
     return scores
 
 
-def text_reward(config: RLConfig, placement):
+def text_reward(config: RLConfig, placement, tokenizer):
     """A reward computed from each answer's text, not from the policy's tokens: the toy world's
-    judge (--reward judge), or a Hugging Face sequence classifier, which has its own tokenizer and
-    chat template and so re-reads prompt and answer as text. None for a reward model written by
-    `rlhflab rm`, which scores the policy's own tokens (on the shared base, under --lora)."""
+    judge (--reward judge), a Hugging Face sequence classifier, or a reward model with a vocabulary
+    other than the policy's; these re-read prompt and answer with their own tokenizer and chat
+    template. None for a reward model that scores the policy's own tokens (on the shared base,
+    under --lora)."""
+    from rlhflab.stages.rm_model import reads_policy_tokens
+
     if config.reward == JUDGE:
         return judge_scores
-    from rlhflab.stages.rm_model import is_sequence_classifier
-
-    return classifier_scores(config.reward, placement, config, "--reward") if is_sequence_classifier(config.reward) \
-        else None
+    if reads_policy_tokens(config.reward, tokenizer, config.trust_remote_code):
+        return None
+    return text_scores(config.reward, placement, config, "--reward")
 
 
 def judge_scores(records, texts: list[str]) -> list[float]:
@@ -451,7 +453,7 @@ def run(config: RLConfig) -> dict:
                          "prompts without a toy-world meta.family (export them with `rlhflab world export`)")
     setup = common.prepare_stage(config)
     roles, tokenizer, info = load_roles(config, setup.placement)
-    reward_from_text = text_reward(config, setup.placement)
+    reward_from_text = text_reward(config, setup.placement, tokenizer)
     if (config.share_prompt and config.estimator != "gae" and config.n_samples > 1
             and config.mini_batch % config.n_samples == 0):
         if roles.packing_matches(len(tokenizer)):
@@ -459,7 +461,7 @@ def run(config: RLConfig) -> dict:
         else:
             print("note: this model does not give packed rows the log-probs of single ones (4D attention mask); "
                   "each sample runs with its own copy of the prompt", file=sys.stderr)
-    gold = gold_signal(records, config, setup.placement)
+    gold = gold_signal(records, config, setup.placement, tokenizer)
     probes = probe_records(records, gold.world)
 
     # Build.

@@ -301,16 +301,17 @@ def load_roles(config, placement):
     from rlhflab.models.loading import adapter_base, is_adapter_dir, load_causal_lm, load_tokenizer
 
     policy_dir = config.policy or config.model
-    from rlhflab.stages.rm_model import is_sequence_classifier
+    from rlhflab.stages.rm_model import reads_policy_tokens
 
-    # The judge and a Hugging Face sequence classifier score text (rl.text_reward): no reward role,
-    # and the critic starts from the SFT model.
-    rm_dir = None if config.reward == "judge" or is_sequence_classifier(config.reward) else config.reward
-    critic_init = config.critic_init if rm_dir else "sft"
-    for option, path in (("--policy", policy_dir), ("--reward", rm_dir)):
+    reward_dir = None if config.reward == "judge" else config.reward
+    for option, path in (("--policy", policy_dir), ("--reward", reward_dir)):
         if path is not None and not Path(path).is_dir():
             raise UsageError(f"{option} {path}: no such directory")
     tokenizer = load_tokenizer(config.tokenizer or policy_dir, config.trust_remote_code, config.chat_template)
+    # The judge, a sequence classifier and a reward model with another vocabulary score the
+    # answers' text (rl.text_reward): then there is no reward role, and the critic starts from SFT.
+    rm_dir = reward_dir if reward_dir and reads_policy_tokens(reward_dir, tokenizer, config.trust_remote_code) else None
+    critic_init = config.critic_init if rm_dir else "sft"
     tokenizer.padding_side = "left"
     policy_is_adapter = is_adapter_dir(policy_dir)
     base_name = adapter_base(policy_dir) if policy_is_adapter else policy_dir

@@ -85,6 +85,17 @@ def is_sequence_classifier(name: str | None) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
+def reads_policy_tokens(reward: str, policy_tokenizer, trust_remote_code: bool = False) -> bool:
+    """Whether a reward model can score the policy's own token ids: one written by `rlhflab rm`
+    whose tokenizer has the policy's vocabulary. Any other (a sequence classifier, another
+    vocabulary) has to read each answer as text, with its own tokenizer and template."""
+    if is_sequence_classifier(reward):
+        return False
+    if not (Path(reward) / "tokenizer_config.json").is_file():
+        return True   # not a reward model directory: its loader names the problem
+    return load_tokenizer(reward, trust_remote_code).get_vocab() == policy_tokenizer.get_vocab()
+
+
 def load_sequence_classifier(path: str, placement, trust_remote_code: bool = False, option: str = "--model"):
     """A frozen SequenceClassifierReward and its own tokenizer (and chat template) from `path`."""
     from transformers import AutoModelForSequenceClassification
