@@ -131,7 +131,9 @@ def test_online_rounds_sample_rank_and_train(tiny_model, tmp_path):
     (["--policy", "MODEL", "--data", PAIRS, "--rounds", "2"], "give --prompts"),
     (["--policy", "MODEL", "--data", SAMPLES / "sft_messages.jsonl"], "looks like"),
     (["--policy", "MODEL", "--data", PAIRS, "--loss", "kto"], "--loss: 'kto' is not one of"),
-    (["--policy", "/no/such/model", "--data", PAIRS], "/no/such/model"),
+    (["--policy", "/no/such/model", "--data", PAIRS], "--policy /no/such/model: no such directory"),
+    (["--policy", "MODEL", "--data", PAIRS, "--rounds", "2", "--prompts", SAMPLES / "prompts.jsonl",
+      "--rank-by", "rm:/no/such/rm"], "--rank-by rm:/no/such/rm: no such directory"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(args, message, tiny_model, tmp_path, cli):
     args = [tiny_model("llama") if a == "MODEL" else a for a in args]
@@ -149,3 +151,14 @@ def test_reference_is_computed_only_for_the_pairs_training_visits(tiny_model, tm
     summary = dpo(out, "--policy", tiny_model("llama"), "--max-steps", 2)
     cached = load_file(str(out / "ref_logps_round1.safetensors"))["chosen"]
     assert int(cached.isfinite().sum()) == summary["train_pairs"] == 2 * 4
+
+
+def test_grad_accum_logs_the_whole_step(tiny_model, tmp_path):
+    """--batch-size 2 --grad-accum 2 logs what --batch-size 4 does (it logged the last micro-batch)."""
+    logged = {}
+    for name, extra in (("one", []), ("two", ["--batch-size", 2, "--grad-accum", 2])):   # dpo(): batch 4
+        dpo(tmp_path / name, "--policy", tiny_model("llama"), "--max-steps", 1, "--group-by-length", "false", *extra)
+        logged[name] = read_metrics(tmp_path / name / "metrics.jsonl")[0]
+    for key in ("loss", "rewards/accuracy", "rewards/margin", "logps/chosen"):
+        assert logged["two"][key] == pytest.approx(logged["one"][key], abs=1e-4), key
+

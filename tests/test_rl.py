@@ -164,3 +164,16 @@ def test_shared_critic_is_a_value_head_on_the_policy(sft_and_rm, tmp_path):
     logprobs, _, values = roles.policy_and_values(ids, torch.ones_like(ids), prompt_len=2)
     plain, _ = roles.logprobs("policy", ids, torch.ones_like(ids), prompt_len=2)
     assert torch.allclose(logprobs, plain) and values.shape == (1, 3)
+
+
+@pytest.mark.parametrize("option", ["--grad-accum", "--batch-size", "--epochs", "--eval-every", "--group-by-length"])
+def test_training_options_ppo_does_not_use_are_refused(option, cli):
+    """A step is --rollout-prompts rollouts in --mini-batch slices: these would silently do nothing."""
+    result = cli("ppo", option, "2", "--policy", "p", "--reward", "r", "--prompts", "x")
+    assert result.returncode == 2 and f"unknown option {option}" in result.stderr, result.stderr
+
+
+def test_log_every_thins_the_metrics_file(sft_and_rm, tmp_path):
+    sft, rm = sft_and_rm
+    ppo(sft, rm, tmp_path / "ppo", "--max-steps", 3, "--log-every", 2, "--probe-every", 0)
+    assert [r["step"] for r in read_metrics(tmp_path / "ppo" / "metrics.jsonl")] == [2, 3]

@@ -157,3 +157,40 @@ def test_chunked_scores_equal_one_padded_batch(tiny_model):
         whole = model(ids, mask)
         chunked = score_by_length(seqs, model, 0, "cpu")
     assert torch.allclose(whole, chunked, atol=1e-5)
+
+
+def test_grad_accum_logs_the_whole_step(tiny_model, tmp_path):
+    """--batch-size 2 --grad-accum 2 logs what --batch-size 4 does (it logged the last micro-batch)."""
+    logged = {}
+    for name, extra in (("one", []), ("two", ["--batch-size", 2, "--grad-accum", 2])):   # train_rm: batch 4
+        train_rm(tiny_model("llama"), tmp_path / name, SAMPLES / "pairs.jsonl", "--max-steps", 1,
+                 "--group-by-length", "false", *extra)
+        logged[name] = read_metrics(tmp_path / name / "metrics.jsonl")[0]
+    assert logged["two"]["pairs"] == logged["one"]["pairs"] == 4
+    for key in ("loss", "accuracy", "margin"):
+        assert logged["two"][key] == pytest.approx(logged["one"][key], abs=1e-5), key
+
+
+def test_merging_a_lora_reward_model_keeps_its_score_head(tiny_model, tmp_path, cli):
+    rm, merged = tmp_path / "rm", tmp_path / "merged"
+    train_rm(tiny_model("llama"), rm, SAMPLES / "pairs.jsonl", "--lora", "--max-steps", 3)
+    assert cli("merge", "--adapter", rm, "--out", merged).returncode == 0
+    scores = {}
+    for name, path in (("adapter", rm), ("merged", merged)):
+        result = cli("rm", "score", "--model", path, "--data", SAMPLES / "pairs.jsonl", "--out", tmp_path / f"{name}.jsonl")
+        assert result.returncode == 0, result.stderr
+        scores[name] = [json.loads(line)["score"] for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    assert scores["merged"] == pytest.approx(scores["adapter"], abs=1e-4)
+
+
+def test_eval_fraction_zero_holds_nothing_out(tiny_model, tmp_path):
+    summary = train_rm(tiny_model("llama"), tmp_path / "rm", SAMPLES / "pairs.jsonl", "--max-steps", 1)
+    assert "eval_pairs" not in summary and summary["rows_used"] == 40
+
+
+@pytest.mark.parametrize("option,path,named", [("--model", "/no/such/model", "--model /no/such/model"),
+                                               ("--model", SAMPLES / "pairs.jsonl", "a file; expected a model")])
+def test_a_bad_model_path_is_named_by_its_option(option, path, named, tmp_path, cli):
+    result = cli("rm", option, path, "--data", SAMPLES / "pairs.jsonl", "--out", tmp_path / "o")
+    assert result.returncode == 2 and named in result.stderr, result.stderr
+    assert not (tmp_path / "o").exists()

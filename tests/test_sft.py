@@ -170,3 +170,16 @@ def test_gradient_checkpointing_leaves_frozen_models_alone(tiny_model):
 
     frozen = AutoModelForCausalLM.from_pretrained(str(tiny_model("gpt2"))).requires_grad_(False)
     assert enable_gradient_checkpointing(frozen) == 0 and not frozen.is_activation_checkpointing
+
+
+def test_resuming_on_another_plan_warns(tiny_model, tmp_path, capsys):
+    from rlhflab.cli import main
+
+    args = ["sft", "--model", str(tiny_model("llama")), "--data", str(SAMPLES / "sft_messages.jsonl"),
+            "--out", str(tmp_path / "sft"), "--save-every", "2", "--progress", "false", "--batch-size", "2"]
+    assert main([*args, "--max-steps", "3"]) == 0
+    (tmp_path / "sft" / "summary.json").unlink()
+    capsys.readouterr()
+    assert main([*args, "--max-steps", "6", "--resume", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "planned as {'max_steps': 3" in err and "'max_steps': 6" in err

@@ -313,9 +313,10 @@ def _for_kind(messages: list[dict], kind: str, meta: dict) -> Record:
     return Record(messages, meta=meta)
 
 
-def load_records(source: str, kind: str, fmt: str = "auto", skip_bad_rows: bool = False,
+def load_records(source: str, kind: str, fmt: str = "auto", skip_bad_rows: bool | None = None,
                  max_rows: int = 0, hc3_answers: str = "chatgpt", option: str = "--data") -> tuple[list[Record], LoadStats]:
-    """Read and normalise a whole data source. Bad rows raise (or are skipped and counted)."""
+    """Read and normalise a whole data source. Bad rows raise, or with `skip_bad_rows` are skipped
+    and counted; None means the command has no --skip-bad-rows for this file (so no hint of it)."""
     stats = LoadStats()
     records: list[Record] = []
     chosen_fmt = None if fmt == "auto" else fmt
@@ -336,7 +337,8 @@ def load_records(source: str, kind: str, fmt: str = "auto", skip_bad_rows: bool 
             made = normalise(row, chosen_fmt, kind, hc3_answers)
         except RowError as exc:
             if not skip_bad_rows:
-                raise UsageError(f"{where}: {exc} (format {chosen_fmt}; --skip-bad-rows skips such rows)") from None
+                hint = "; --skip-bad-rows skips such rows" if skip_bad_rows is not None else ""
+                raise UsageError(f"{where}: {exc} (format {chosen_fmt}{hint})") from None
             stats.rows_skipped += 1
             if len(stats.first_errors) < 5:
                 stats.first_errors.append(f"{where}: {exc}")

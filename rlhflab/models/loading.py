@@ -62,6 +62,8 @@ def adapter_base(path: str | Path) -> str:
 def _check_source(name: str, option: str, marker: str = "config.json") -> None:
     """A path that does not exist is an error here; a hub id is left to the hub to answer."""
     p = Path(name)
+    if p.is_file():
+        raise UsageError(f"{option} {name}: a file; expected a model directory or hub id")
     if p.exists():
         if p.is_dir() and not ((p / marker).exists() or is_adapter_dir(p)):
             raise UsageError(f"{option} {name}: the directory has no {marker} or adapter_config.json")
@@ -71,14 +73,17 @@ def _check_source(name: str, option: str, marker: str = "config.json") -> None:
         raise UsageError(f"{option} {name}: no such directory")
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: str = "auto"):
+def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: str = "auto",
+                   option: str = "--tokenizer"):
+    """The tokenizer at `name`, with a chat template and a pad token; `option` names where the
+    path came from in error messages (the model's own directory is the usual source)."""
     from transformers import AutoTokenizer
 
-    _check_source(name, "--tokenizer", marker="tokenizer_config.json")
+    _check_source(name, option, marker="tokenizer_config.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise UsageError(f"cannot load a tokenizer from {name}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{option} {name}: cannot load a tokenizer: {exc}") from None
     if chat_template == "default":
         tokenizer.chat_template = None
     grew = ensure_chat_template(tokenizer)
@@ -214,7 +219,8 @@ def load_for_training(config, placement: Placement):
         raise UsageError("--init-config builds a fresh model: also give --tokenizer")
     if config.model and is_adapter_dir(config.model) and config.tokenizer is None:
         tokenizer_name = config.model
-    tokenizer = load_tokenizer(tokenizer_name, config.trust_remote_code, config.chat_template)
+    tokenizer = load_tokenizer(tokenizer_name, config.trust_remote_code, config.chat_template,
+                               "--tokenizer" if tokenizer_name == config.tokenizer else "--model")
     train_full = not (config.lora or config.qlora)
     if config.model is None:
         if not train_full:
@@ -271,6 +277,8 @@ def record_adapter_base(out: Path, base_name: str) -> None:
 
 def merge_command(config) -> int:
     """`rlhflab merge --adapter DIR --out DIR`: a plain HF model directory."""
+    import shutil
+
     from rlhflab.runs import atomic_write_directory, atomic_write_json
 
     if not config.adapter or not config.out:
@@ -279,12 +287,18 @@ def merge_command(config) -> int:
         raise UsageError(f"--adapter {config.adapter}: no adapter_config.json there")
     placement = choose_placement("cpu", "fp32" if config.dtype == "auto" else config.dtype)
     model = load_causal_lm(config.adapter, placement, config.trust_remote_code, option="--adapter")
-    tokenizer = load_tokenizer(config.adapter, config.trust_remote_code)
+    tokenizer = load_tokenizer(config.adapter, config.trust_remote_code, option="--adapter")
 
     def fill(tmp: Path) -> None:
         save_model(model, tokenizer, tmp)
         atomic_write_json(tmp / "merged_from.json", {"adapter": str(Path(config.adapter).resolve()),
                                                       "base": adapter_base(config.adapter)})
+        head = Path(config.adapter) / "score_head.safetensors"
+        if head.is_file():   # a LoRA reward model: the merged body still needs its score head
+            shutil.copyfile(head, tmp / "score_head.safetensors")
+            info = json.loads((Path(config.adapter) / "reward_config.json").read_text(encoding="utf-8")) \
+                if (Path(config.adapter) / "reward_config.json").is_file() else {}
+            atomic_write_json(tmp / "reward_config.json", {**info, "lora": False, "base": None})
 
     out = atomic_write_directory(config.out, fill)
     print(f"merged model written to {out}")

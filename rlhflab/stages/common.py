@@ -58,14 +58,24 @@ def prepare_stage(config) -> Setup:
     )
     set_seed(config.seed)
     state = runs.load_trainer_state(resume_from) if resume_from else {}
+    planned, now = state.get("plan"), _plan(config)
+    if planned is not None and planned != now:
+        print(f"warning: {resume_from} was written by a run planned as {planned}; this one is {now}: the "
+              "learning-rate schedule continues on the new plan", file=sys.stderr)
     return Setup(out, placement, accelerator, resume_from, state)
+
+
+def _plan(config) -> dict:
+    """The options that fix a run's length, and so its learning-rate schedule."""
+    return {name: getattr(config, name) for name in ("max_steps", "epochs", "batch_size", "grad_accum")
+            if hasattr(config, name)}
 
 
 def load_preferences(config) -> tuple[list, list, object]:
     """(train records, held-out records, read stats) of --data preference pairs or rankings.
 
     The held-out set is --eval-data, or a seeded --eval-fraction of --data (at least one record
-    when there are two or more).
+    when there are two or more; none with --eval-fraction 0).
     """
     from rlhflab.data.formats import load_records
 
@@ -73,7 +83,7 @@ def load_preferences(config) -> tuple[list, list, object]:
     if config.eval_data:
         held_out, _ = load_records(config.eval_data, "preference", config.format, option="--eval-data")
         return records, held_out, stats
-    n_eval = max(1, int(len(records) * config.eval_fraction)) if len(records) > 1 else 0
+    n_eval = max(1, int(len(records) * config.eval_fraction)) if len(records) > 1 and config.eval_fraction else 0
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
     return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]], stats
 
@@ -224,7 +234,7 @@ def save_checkpoint(setup: Setup, config, step: int, order: BatchOrder, extra: d
     def write(tmp: Path) -> None:
         accelerator.save_state(str(tmp), safe_serialization=True)
 
-    state = {"order": order.state_dict(), **(extra or {})}
+    state = {"order": order.state_dict(), "plan": _plan(config), **(extra or {})}
     path = None
     if accelerator.is_main_process:
         path = runs.save_checkpoint(setup.out, step, write, state, config.keep_checkpoints)
@@ -265,3 +275,24 @@ def finish(setup: Setup, summary: dict) -> dict:
     if setup.accelerator.log_with:
         setup.accelerator.end_training()
     return summary
+
+
+def merge_micro_rows(rows: list[dict], counts: tuple[str, ...] = ("pairs",)) -> dict:
+    """One step's metrics from its gradient-accumulation micro-batches: counts add up, every other
+    figure is averaged (weighted by a row's "pairs" where rows carry one), so a step with
+    --grad-accum N logs what one batch of N times the size would."""
+    if len(rows) == 1:
+        return rows[0]
+    weights = [float(r.get("pairs", 1.0)) or 1.0 for r in rows]
+    total = sum(weights)
+    merged = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows if key in r]
+        if key in counts:
+            merged[key] = sum(values)
+        elif len(values) == len(rows):
+            merged[key] = sum(w * v for w, v in zip(weights, values)) / total
+        else:   # a figure only some micro-batches have (hardening pairs, say): their plain mean
+            merged[key] = sum(values) / len(values)
+    return merged
+

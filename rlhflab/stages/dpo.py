@@ -74,6 +74,8 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
             raise UsageError("online rounds sample from the policy: give --prompts")
         if self.rank_by != "judge" and not self.rank_by.startswith("rm:"):
             raise UsageError(f"--rank-by {self.rank_by!r}: expected 'judge' or 'rm:DIR'")
+        if self.rounds > 1 and self.rank_by.startswith("rm:") and not Path(self.rank_by[3:]).is_dir():
+            raise UsageError(f"--rank-by {self.rank_by}: no such directory")   # before round 1 trains
         if self.k < 2:
             raise UsageError("--k: must be at least 2")
         if self.beta <= 0:
@@ -209,7 +211,7 @@ class PolicyAndReference:
         self.config, self.placement = config, placement
         self.source = config.policy or config.model
         self.tokenizer = load_tokenizer(config.tokenizer or self.source, config.trust_remote_code,
-                                        config.chat_template)
+                                        config.chat_template, "--tokenizer" if config.tokenizer else "--policy")
         self.reference_adapter, self.frozen = None, None
         self.packed = False  # set by run once packing_matches has checked the model
         if config.lora:
@@ -355,7 +357,7 @@ def round_pairs(policy: PolicyAndReference, config, round_no: int, prompts, out:
         rows = sample_responses(policy.model, policy.tokenizer, [prompts[i] for i in chosen], config.k,
                                 config.max_new_tokens, config.temperature, 1.0, config.seed + round_no)
         runs.atomic_write_jsonl(folder / "samples.jsonl", rows)
-        scores = scorer(config.rank_by, policy.placement)(rows)
+        scores = scorer(config.rank_by, policy.placement, "--rank-by")(rows)
         ranked, tied = rank_rows(rows, scores, "pairs")
         flat = [s for row in scores for s in row]
         runs.atomic_write_jsonl(pairs_file, ranked)
@@ -463,12 +465,15 @@ def run(config: DPOConfig) -> dict:
             if "mean_sample_score" in round_info:
                 metrics_log.log(step, {"round": round_no, "round_sample_score": round_info["mean_sample_score"]})
         started = time.perf_counter()
+        micro_rows = []
         for _ in range(config.grad_accum):
             indices = common.shard(order.next(), accelerator)
-            loss, row = pair_loss(model, pairs, ref, indices, config, pad_id, device, policy.packed)
+            loss, micro = pair_loss(model, pairs, ref, indices, config, pad_id, device, policy.packed)
             common.check_finite(loss, "the DPO loss", step + 1, last_checkpoint)
             accelerator.backward(loss / config.grad_accum)
             seen_pairs += len(indices)
+            micro_rows.append({**micro, "pairs": float(len(indices))})
+        row = common.merge_micro_rows(micro_rows)
         common.optimizer_step(accelerator, model.parameters(), optimizer, scheduler, config.max_grad_norm)
         step += 1
         train_time += time.perf_counter() - started

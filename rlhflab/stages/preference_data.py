@@ -79,8 +79,8 @@ def sample_responses(model, tokenizer, records, k: int, max_new_tokens: int, tem
             for i, r in enumerate(records)]
 
 
-def scorer(by: str, placement=None):
-    """A function (rows) -> list of score lists, one per row, from 'judge' or 'rm:DIR'."""
+def scorer(by: str, placement=None, option: str = "--by"):
+    """A function (rows) -> list of score lists, one per row, from 'judge' or 'rm:DIR' (given as `option`)."""
     if by == "judge":
         from rlhflab.world import judge
 
@@ -89,7 +89,7 @@ def scorer(by: str, placement=None):
     from rlhflab.models.loading import choose_placement
     from rlhflab.stages.rm_model import load_reward_model, score_texts
 
-    model, tokenizer = load_reward_model(by[3:], placement or choose_placement("auto", "auto"))
+    model, tokenizer = load_reward_model(by[3:], placement or choose_placement("auto", "auto"), option=option)
 
     def by_rm(rows):
         flat = score_texts(model, tokenizer, [row["prompt"] + [{"role": "assistant", "content": text}]
@@ -156,7 +156,7 @@ def sample_command(config: SampleConfig) -> int:
         records = records[: config.max_rows]
     placement = choose_placement(config.device, config.dtype)
     model = load_causal_lm(config.model, placement, config.trust_remote_code).eval()
-    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code, option="--model")
     rows = sample_responses(model, tokenizer, records, config.k, config.max_new_tokens, config.temperature,
                             config.top_p, config.seed, config.batch_size)
     atomic_write_jsonl(config.out, rows)

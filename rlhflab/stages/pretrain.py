@@ -74,7 +74,8 @@ def run(config) -> dict:
     if tokenizer_name is None:
         raise UsageError("training from scratch needs --tokenizer (see `rlhflab tokenizer train`)")
     setup = common.prepare_stage(config)
-    tokenizer = load_tokenizer(tokenizer_name, config.trust_remote_code, config.chat_template)
+    tokenizer = load_tokenizer(tokenizer_name, config.trust_remote_code, config.chat_template,
+                               "--tokenizer" if config.tokenizer else "--model")
     if config.model:
         model = load_causal_lm(config.model, setup.placement, config.trust_remote_code, train_full=not config.lora)
         if config.lora:
@@ -84,7 +85,7 @@ def run(config) -> dict:
     else:
         model = build_fresh(config.preset or config.init_config, tokenizer, config.seed).to(setup.placement.device)
     blocks = pack(docs, tokenizer, config.max_length)
-    n_eval = max(1, int(len(blocks) * config.eval_fraction)) if len(blocks) > 1 else 0
+    n_eval = max(1, int(len(blocks) * config.eval_fraction)) if len(blocks) > 1 and config.eval_fraction else 0
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(blocks), generator=generator).tolist()
     held_out, train = [blocks[i] for i in order[:n_eval]], [blocks[i] for i in order[n_eval:]]

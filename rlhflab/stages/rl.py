@@ -21,7 +21,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +37,15 @@ class RLConfig(ModelOptions, TrainOptions):
     """PPO (critic + GAE) or a critic-free estimator against a reward model."""
 
     stage = "ppo"
+    # Training options that mean nothing here: a step is --rollout-prompts x --n-samples rollouts,
+    # updated in --mini-batch slices for --ppo-epochs. Not options of `rlhflab ppo` (init=False),
+    # so setting one is an unknown-option error rather than silently nothing.
+    epochs: float = field(default=1.0, init=False)
+    batch_size: int = field(default=1, init=False)
+    grad_accum: int = field(default=1, init=False)
+    group_by_length: bool = field(default=False, init=False)
+    eval_every: int = field(default=0, init=False)
+    log_every: int = opt(1, "write a metrics.jsonl line every N steps (the alarms watch every step)")
     policy: str | None = opt(None, "the SFT model (directory or adapter): initial policy and the reference")
     reward: str | None = opt(None, "reward model directory written by `rlhflab rm`; a Hugging Face sequence "
                                    "classifier with one label (scores the answer's text with its own tokenizer and "
@@ -454,8 +463,12 @@ def run(config: RLConfig) -> dict:
     setup = common.prepare_stage(config)
     roles, tokenizer, info = load_roles(config, setup.placement)
     reward_from_text = text_reward(config, setup.placement, tokenizer)
-    if (config.share_prompt and config.estimator != "gae" and config.n_samples > 1
-            and config.mini_batch % config.n_samples == 0):
+    groups_fit = config.mini_batch % config.n_samples == 0
+    if config.share_prompt and config.estimator != "gae" and config.n_samples > 1 and not groups_fit:
+        print(f"note: --mini-batch {config.mini_batch} is not a multiple of --n-samples {config.n_samples}, so a "
+              "prompt's samples can fall in different mini-batches: each runs with its own copy of the prompt",
+              file=sys.stderr)
+    if config.share_prompt and config.estimator != "gae" and config.n_samples > 1 and groups_fit:
         if roles.packing_matches(len(tokenizer)):
             roles.pack_group = config.n_samples
         else:
@@ -527,7 +540,8 @@ def run(config: RLConfig) -> dict:
             alarms.append({"step": step, "message": message})
             print(f"\n[alarm] step {step}: {message}", file=sys.stderr)
         history.append(row)
-        metrics_log.log(step, row)
+        if step % config.log_every == 0 or step == config.max_steps:
+            metrics_log.log(step, row)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl_k1']:.3f}", len=f"{row['response_len']:.1f}")
         if config.probe_every and (step % config.probe_every == 0 or step == config.max_steps):

@@ -267,18 +267,18 @@ def clone_frozen(model):
 # Loading the roles from the stage directories of SFT and RM.
 
 
-def load_score_head(rm_dir: Path, hidden_size: int, device) -> nn.Linear:
+def load_score_head(rm_dir: Path, hidden_size: int, device, option: str = "--reward") -> nn.Linear:
     """The reward model's score head (score_head.safetensors: a (1, H) weight and a bias)."""
     from safetensors.torch import load_file
 
     path = Path(rm_dir) / "score_head.safetensors"
     if not path.exists():
-        raise UsageError(f"--reward {rm_dir}: no score_head.safetensors (is it a reward model from `rlhflab rm`?)")
+        raise UsageError(f"{option} {rm_dir}: no score_head.safetensors (is it a reward model from `rlhflab rm`?)")
     tensors = load_file(str(path))
     weight = next(t for k, t in tensors.items() if t.ndim == 2)
     bias = next((t for k, t in tensors.items() if t.ndim == 1), None)
     if weight.shape != (1, hidden_size):
-        raise UsageError(f"--reward {rm_dir}: score head has shape {tuple(weight.shape)}, the policy's hidden size is {hidden_size}")
+        raise UsageError(f"{option} {rm_dir}: score head has shape {tuple(weight.shape)}, the policy's hidden size is {hidden_size}")
     head = nn.Linear(hidden_size, 1, bias=bias is not None)
     with torch.no_grad():
         head.weight.copy_(weight)
@@ -307,7 +307,8 @@ def load_roles(config, placement):
     for option, path in (("--policy", policy_dir), ("--reward", reward_dir)):
         if path is not None and not Path(path).is_dir():
             raise UsageError(f"{option} {path}: no such directory")
-    tokenizer = load_tokenizer(config.tokenizer or policy_dir, config.trust_remote_code, config.chat_template)
+    tokenizer = load_tokenizer(config.tokenizer or policy_dir, config.trust_remote_code, config.chat_template,
+                               "--tokenizer" if config.tokenizer else "--policy")
     # The judge, a sequence classifier and a reward model with another vocabulary score the
     # answers' text (rl.text_reward): then there is no reward role, and the critic starts from SFT.
     rm_dir = reward_dir if reward_dir and reads_policy_tokens(reward_dir, tokenizer, config.trust_remote_code) else None
@@ -392,8 +393,8 @@ def load_judge_rm(path: str, placement):
     """A second, held-out reward model for the monitors: an object with .scores(ids, mask)."""
     from rlhflab.models.loading import load_causal_lm
 
-    model = clone_frozen(load_causal_lm(path, placement))
-    head = load_score_head(Path(path), model.config.hidden_size, placement.device)
+    model = clone_frozen(load_causal_lm(path, placement, option="--judge-rm"))
+    head = load_score_head(Path(path), model.config.hidden_size, placement.device, "--judge-rm")
     head.requires_grad_(False)
     return Roles(model, ValueHead(model.config.hidden_size), head, lora=False, reference_adapter=None,
                  reward_adapter=None, critic_adapter=None, frozen={"reward": model})

@@ -316,12 +316,15 @@ def run(config: RMConfig) -> dict:
     last_checkpoint, row = setup.resume_from, {}
     while step < steps:
         started = time.perf_counter()
+        micro_rows = []
         for _ in range(config.grad_accum):
             batch = [items[i] for i in common.shard(order.next(), accelerator)]
-            loss, row = batch_loss(model, batch, config, pad_id, device, share)
+            loss, micro = batch_loss(model, batch, config, pad_id, device, share)
             common.check_finite(loss, "the reward-model loss", step + 1, last_checkpoint)
             accelerator.backward(loss / config.grad_accum)
-            seen_pairs += int(row["pairs"])
+            seen_pairs += int(micro["pairs"])
+            micro_rows.append(micro)
+        row = common.merge_micro_rows(micro_rows)
         common.optimizer_step(accelerator, model.parameters(), optimizer, scheduler, config.max_grad_norm)
         step += 1
         train_time += time.perf_counter() - started

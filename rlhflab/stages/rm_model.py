@@ -23,7 +23,8 @@ def build_reward_model(config, placement):
 
     if config.model is None:
         raise UsageError("give --model (the SFT model, as InstructGPT starts the RM from it)")
-    tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code, config.chat_template)
+    tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code, config.chat_template,
+                               "--tokenizer" if config.tokenizer else "--model")
     if config.lora and is_adapter_dir(config.model):
         # Start from the SFT adapter's weights, on the SFT adapter's base: PPO can then share one base.
         base_name = adapter_base(config.model)
@@ -100,7 +101,7 @@ def load_sequence_classifier(path: str, placement, trust_remote_code: bool = Fal
     """A frozen SequenceClassifierReward and its own tokenizer (and chat template) from `path`."""
     from transformers import AutoModelForSequenceClassification
 
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code, option=option)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             path, dtype=placement.dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
@@ -130,15 +131,15 @@ def load_reward_model(path: str, placement, trust_remote_code: bool = False, opt
         return load_sequence_classifier(path, placement, trust_remote_code, option)
     if not Path(path).is_dir():
         raise UsageError(f"{option} {path}: no such directory")
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code, option=option)
     if is_adapter_dir(path):
-        base = load_causal_lm(adapter_base(path), placement, trust_remote_code)
+        base = load_causal_lm(adapter_base(path), placement, trust_remote_code, option=option)
         lm = PeftModel.from_pretrained(base, path)
     else:
-        lm = load_causal_lm(path, placement, trust_remote_code)
+        lm = load_causal_lm(path, placement, trust_remote_code, option=option)
     hidden = (lm.get_base_model() if hasattr(lm, "get_base_model") else lm).config.hidden_size
     model = RewardModel(lm, hidden)
-    model.score_head = load_score_head(Path(path), hidden, placement.device)
+    model.score_head = load_score_head(Path(path), hidden, placement.device, option)
     model.requires_grad_(False)
     return model.to(placement.device).eval(), tokenizer
 
