@@ -134,6 +134,8 @@ def test_online_rounds_sample_rank_and_train(tiny_model, tmp_path):
     (["--policy", "/no/such/model", "--data", PAIRS], "--policy /no/such/model: no such directory"),
     (["--policy", "MODEL", "--data", PAIRS, "--rounds", "2", "--prompts", SAMPLES / "prompts.jsonl",
       "--rank-by", "rm:/no/such/rm"], "--rank-by rm:/no/such/rm: no such directory"),
+    (["--policy", "MODEL", "--data", PAIRS, "--rounds", "2", "--prompts", SAMPLES / "prompts.jsonl"],
+     "without a toy-world meta.family"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(args, message, tiny_model, tmp_path, cli):
     args = [tiny_model("llama") if a == "MODEL" else a for a in args]

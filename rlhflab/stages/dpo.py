@@ -51,6 +51,7 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
                                    ("all", "best-worst"))
     warn_chosen_drop: float = opt(5.0, "warn when the chosen answers' log-prob falls this many nats below the reference")
     rounds: int = opt(1, "iterative DPO: rounds of sample -> rank -> train (rounds after the first need --prompts)")
+    max_steps: int = opt(0, "optimizer steps to run in each round (0 = derive from --epochs)")
     prompts: str | None = opt(None, "prompts to sample from in online rounds")
     k: int = opt(4, "online rounds: responses sampled per prompt")
     rank_by: str = opt("judge", "online rounds: who ranks the samples, 'judge' (toy world) or 'rm:DIR'")
@@ -74,7 +75,8 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
             raise UsageError("online rounds sample from the policy: give --prompts")
         if self.rank_by != "judge" and not self.rank_by.startswith("rm:"):
             raise UsageError(f"--rank-by {self.rank_by!r}: expected 'judge' or 'rm:DIR'")
-        if self.rounds > 1 and self.rank_by.startswith("rm:") and not Path(self.rank_by[3:]).is_dir():
+        online = self.rounds > 1 or not self.data
+        if online and self.rank_by.startswith("rm:") and not Path(self.rank_by[3:]).is_dir():
             raise UsageError(f"--rank-by {self.rank_by}: no such directory")   # before round 1 trains
         if self.k < 2:
             raise UsageError("--k: must be at least 2")
@@ -389,6 +391,10 @@ def run(config: DPOConfig) -> dict:
     prompts = []
     if config.prompts:
         prompts, _ = load_records(config.prompts, "prompts", option="--prompts")
+    online = config.rounds > 1 or not config.data
+    if online and config.rank_by == "judge" and not all(p.meta.get("family") for p in prompts):
+        raise UsageError(f"--rank-by judge ranks answers with the toy world's judge, but {config.prompts} has "
+                         "prompts without a toy-world meta.family: give --rank-by rm:DIR, or world prompts")
     setup = common.prepare_stage(config)
     policy = PolicyAndReference(config, setup.placement)
     tokenizer, device = policy.tokenizer, setup.placement.device
