@@ -119,11 +119,12 @@ def workloads(quick: bool) -> list[Workload]:
             parity=False,
             notes="a step = 4 prompts x 4 samples of exactly 32 tokens, reward model, 4 epochs of mini-batches of 4 "
                   "(16 optimizer steps), k3 KL loss with beta 0.05 against a reference"),
-        Workload(
-            "ppo", "llama-6m", "seconds_per_step", 2.0, ["sft-6m", "rm-6m"],
+        *[Workload(
+            name, "llama-6m", "seconds_per_step", 2.0, ["sft-6m", "rm-6m"],
             Side("rlhflab", ["ppo", "--estimator", "gae", "--policy", "{sft-6m}", "--reward", "{rm-6m}",
                              "--prompts", "{world}/prompts.jsonl", "--out", "{out}", "--rollout-prompts", "16",
-                             "--mini-batch", "4", "--ppo-epochs", "4", "--max-steps", str(rl_steps), *rl_shape, *quiet]),
+                             "--mini-batch", "4", "--ppo-epochs", "4", "--max-steps", str(rl_steps), *extra,
+                             *rl_shape, *quiet]),
             [Side("TRL 0.11.4 PPOTrainer.step", ["trl011_ppo.py", "--mode", "full", "--policy", "{sft-6m}",
                                                  "--reward", "{rm-6m}", "--prompts", "{world}/prompts.jsonl",
                                                  "--steps", str(rl_steps), "--batch", "16", "--mini-batch", "4",
@@ -131,7 +132,11 @@ def workloads(quick: bool) -> list[Workload]:
                                                  "--kl-coef", "0.05", *peer], "trl011")],
             parity=False,
             notes="a step = 16 prompts, one sample each of exactly 32 tokens, reward model, GAE, 4 epochs of "
-                  "mini-batches of 4; full fine-tuning"),
+                  "mini-batches of 4; full fine-tuning" + note)
+          for name, extra, note in (
+              ("ppo", [], "; rlhflab's default critic: a model of its own, started from the reward model"),
+              ("ppo-shared-critic", ["--critic", "shared"],
+               "; rlhflab with `--critic shared`: a value head on the policy's body, TRL 0.11.4's own design"))],
         *[Workload(
             name, "llama-100m", "peak_rss_mib", 0.6, ["sft-100m-lora", "rm-100m-lora"],
             Side("rlhflab", ["ppo", "--lora", "true", "--estimator", "gae", "--policy", "{sft-100m-lora}",
@@ -366,7 +371,8 @@ def machine() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one short run per side (a smoke test, not a result)")
-    parser.add_argument("--only", default="", help="comma-separated workloads: sft,rm,dpo,grpo,ppo,ppo-lora-memory,ppo-lora-memory-release")
+    parser.add_argument("--only", default="", help="comma-separated workloads: sft,rm,dpo,grpo,ppo,"
+                                                   "ppo-shared-critic,ppo-lora-memory,ppo-lora-memory-release")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side (medians are reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every side (see RESULTS.md)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one run may take")
