@@ -177,3 +177,11 @@ def test_log_every_thins_the_metrics_file(sft_and_rm, tmp_path):
     sft, rm = sft_and_rm
     ppo(sft, rm, tmp_path / "ppo", "--max-steps", 3, "--log-every", 2, "--probe-every", 0)
     assert [r["step"] for r in read_metrics(tmp_path / "ppo" / "metrics.jsonl")] == [2, 3]
+
+
+def test_judge_rm_gives_the_monitors_a_gold_score(sft_and_rm, tmp_path):
+    """Off the toy world, a second reward model is the ground truth the alarm compares against."""
+    sft, rm = sft_and_rm
+    ppo(sft, rm, tmp_path / "ppo", "--max-steps", 2, "--judge-rm", rm, "--probe-every", 0)
+    rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
+    assert len(rows) == 2 and all(abs(r["gold"] - r["reward"]) < 1e-4 for r in rows), rows
