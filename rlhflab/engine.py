@@ -51,6 +51,20 @@ class Generation:
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)
 
+    def rendered(self, turn_end: list[int], stop_ids, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt + answer as the chat template renders a finished turn, left-padded: the answer up
+        to its stop token, then the template's end-of-turn tokens (data.template.turn_end_ids). A
+        reward model is trained on rendered conversations and reads its score after those tokens;
+        read at the stop token itself it would score a position it never saw in training."""
+        stops, rows = set(stop_ids), []
+        for row in range(self.response_ids.shape[0]):
+            prompt = self.prompt_ids[row][self.prompt_mask[row].bool()].tolist()
+            answer = self.response_ids[row][self.response_mask[row].bool()].tolist()
+            cut = next((i for i, token in enumerate(answer) if token in stops), len(answer))
+            rows.append(prompt + answer[:cut] + list(turn_end))
+        ids, mask = left_pad(rows, pad_id)
+        return ids.to(self.prompt_ids.device), mask.to(self.prompt_ids.device)
+
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)

@@ -185,3 +185,27 @@ def test_judge_rm_gives_the_monitors_a_gold_score(sft_and_rm, tmp_path):
     ppo(sft, rm, tmp_path / "ppo", "--max-steps", 2, "--judge-rm", rm, "--probe-every", 0)
     rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
     assert len(rows) == 2 and all(abs(r["gold"] - r["reward"]) < 1e-4 for r in rows), rows
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_rewards_are_read_where_the_reward_model_was_trained(finished, tiny_model):
+    """The reward model trains on rendered conversations (rm.encode_pair_rows): PPO must score a
+    rollout as the same tokens, the template's end of turn included, not stop at the stop token."""
+    from transformers import AutoTokenizer
+
+    from rlhflab.data.template import encode_chat, encode_prompt, stop_token_ids, turn_end_ids
+    from rlhflab.engine import Generation
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model("llama")))
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = "The capital of France is Paris."
+    prompt = encode_prompt(tok, messages)
+    rendered = encode_chat(tok, messages + [{"role": "assistant", "content": answer}], 512).input_ids
+    response = rendered[len(prompt):len(rendered) - len(turn_end_ids(tok))]
+    assert tok.decode(response) == answer and turn_end_ids(tok)[0] in stop_token_ids(tok)
+    generated = response + ([turn_end_ids(tok)[0]] if finished else [])   # what the engine returns
+    gen = Generation(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long),
+                     torch.tensor([generated]), torch.ones(1, len(generated), dtype=torch.long),
+                     torch.tensor([finished]), [answer])
+    ids, mask = gen.rendered(turn_end_ids(tok), stop_token_ids(tok), tok.pad_token_id)
+    assert ids[0].tolist() == rendered and bool(mask.all())

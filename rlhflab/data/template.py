@@ -67,6 +67,17 @@ def stop_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def turn_end_ids(tokenizer) -> list[int]:
+    """The tokens the chat template puts after an assistant answer, from its end-of-turn marker on
+    ("<|im_end|>", "\n" in ChatML; just EOS in simpler templates; none if it marks no end)."""
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    head = len(encode_prompt(tokenizer, messages[:1]))
+    full = tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    stops = set(stop_token_ids(tokenizer))
+    end = next((i for i in range(head, len(full)) if full[i] in stops), len(full))
+    return full[end:]
+
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt

@@ -141,6 +141,7 @@ class Rollout:
     values: torch.Tensor | None   # (B, R) critic values (gae only)
     advantages: torch.Tensor      # (B, R)
     returns: torch.Tensor | None  # (B, R) value targets (gae only)
+    rendered: tuple[torch.Tensor, torch.Tensor] | None = None  # ids, mask as a reward model reads them
 
 
 def repetition(tokens: list[int]) -> float:
@@ -201,7 +202,7 @@ class Alarm:
 @torch.no_grad()
 def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, moments,
             text_reward=None) -> tuple[Rollout, dict, list[str]]:
-    from rlhflab.data.template import encode_prompt, stop_token_ids
+    from rlhflab.data.template import encode_prompt, stop_token_ids, turn_end_ids
     from rlhflab.engine import SamplingParams, generate
     from rlhflab.stages.rl_roles import active_adapter
 
@@ -231,10 +232,14 @@ def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, mome
         old_logprobs, entropy = passes(
             lambda ids, am: roles.logprobs("policy", ids, am, prompt_len, with_entropy=True, group=roles.pack_group))
     ref_logprobs = passes(lambda ids, am: roles.logprobs("reference", ids, am, prompt_len, group=roles.pack_group)[0])
+    # A reward model reads where it was trained to: after the template's end of turn.
+    rendered = gen.rendered(turn_end_ids(tokenizer), stop_token_ids(tokenizer), tokenizer.pad_token_id)
     if text_reward is not None:
         raw_scores = torch.tensor(text_reward(records, gen.texts), device=mask.device)
     else:
-        raw_scores = passes(lambda ids, am: roles.scores(ids, am)).float()              # (B,)
+        ids, am, size = *rendered, config.mini_batch
+        raw_scores = torch.cat([roles.scores(ids[i:i + size], am[i:i + size])
+                                for i in range(0, len(records), size)]).float()                          # (B,)
     scores = raw_scores - config.missing_eos_penalty * (~gen.finished).float()
     if not torch.isfinite(scores).all():
         raise FloatingPointError("non-finite reward")
@@ -262,7 +267,7 @@ def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, mome
     if config.whiten_advantages and config.estimator in ("gae",):
         advantages = losses.masked_whiten(advantages, mask)
     rollout = Rollout(input_ids, attention_mask, prompt_len, mask, old_logprobs, ref_logprobs, values,
-                      advantages * mask, returns)
+                      advantages * mask, returns, rendered)
     lengths = mask.sum(-1)
     responses = [gen.response_ids[i, : int(lengths[i])].tolist() for i in range(len(records))]
     k3 = losses.kl_penalty(old_logprobs, ref_logprobs, kind="k3") * mask
@@ -377,7 +382,7 @@ def probe_records(records, world: bool) -> list:
 @torch.no_grad()
 def write_probes(path: Path, roles, tokenizer, probes, config: RLConfig, step: int, gold: GoldSignal,
                  text_reward=None) -> None:
-    from rlhflab.data.template import encode_prompt, stop_token_ids
+    from rlhflab.data.template import encode_prompt, stop_token_ids, turn_end_ids
     from rlhflab.engine import SamplingParams, generate
     from rlhflab.stages.rl_roles import active_adapter
 
@@ -385,8 +390,8 @@ def write_probes(path: Path, roles, tokenizer, probes, config: RLConfig, step: i
                             do_sample=False, stop_token_ids=tuple(stop_token_ids(tokenizer)))
     with active_adapter(roles.lm, "default") if roles.lora else contextlib.nullcontext():
         gen = generate(roles.lm, tokenizer, [encode_prompt(tokenizer, r.messages) for r in probes], params, step=step)
-    ids, mask = gen.sequences()
-    scores = text_reward(probes, gen.texts) if text_reward is not None else roles.scores(ids, mask).tolist()
+    scores = text_reward(probes, gen.texts) if text_reward is not None else \
+        roles.scores(*gen.rendered(turn_end_ids(tokenizer), stop_token_ids(tokenizer), tokenizer.pad_token_id)).tolist()
     with path.open("a", encoding="utf-8") as handle:
         for record, text, score in zip(probes, gen.texts, scores):
             row = {"step": step, "prompt": record.messages[-1]["content"], "response": text, "reward": round(score, 4)}
@@ -530,7 +535,7 @@ def run(config: RLConfig) -> dict:
         scheduler.step()
         kl_ctl.update(row["kl_k1"], len(batch_records))
         step += 1
-        gold_score = gold(batch_records, texts, rollout.input_ids, rollout.attention_mask) if gold.available else None
+        gold_score = gold(batch_records, texts, *rollout.rendered) if gold.available else None
         if gold_score is not None:
             row["gold"] = gold_score
         row["step_time_s"] = time.perf_counter() - started
