@@ -49,10 +49,29 @@ def atomic_write_jsonl(path: str | Path, rows) -> None:
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def atomic_write_directory(out: str | Path, fill) -> Path:
-    """Write a whole directory: `fill(tmp)` writes into a hidden sibling, which then takes the
-    place of `out`. A failure part-way leaves `out` as it was and no half-written directory."""
+def check_output_directory(out: str | Path, source: str | Path, marker: str) -> Path:
+    """`out` as a directory a command may (re)write: new, empty, or an earlier output of the same
+    command (one holding `marker`); never the `source` it is made from, nor anything around it, nor
+    another directory's files. Called before any work, and again just before writing."""
+    from rlhflab.errors import UsageError
+
     out = Path(out)
+    here, there = out.resolve(), Path(source).resolve()
+    if here == there or there in here.parents or here in there.parents:
+        raise UsageError(f"--out {out}: would overwrite {source}, which it is made from; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: a file; expected a directory to write")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise UsageError(f"--out {out}: a directory with other files in it; choose a new or empty directory")
+    return out
+
+
+def atomic_write_directory(out: str | Path, fill, source: str | Path, marker: str) -> Path:
+    """Write a whole directory: `fill(tmp)` writes into a hidden sibling, which then takes the
+    place of `out`. A failure part-way leaves `out` as it was and no half-written directory.
+
+    `out` may only replace an earlier output of the same command (check_output_directory)."""
+    out = check_output_directory(out, source, marker)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

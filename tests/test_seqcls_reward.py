@@ -151,3 +151,20 @@ def test_rm_export_scores_as_the_reward_model_less_its_bias(arch, lora, tiny_mod
     torch.testing.assert_close(scores["exported"], scores["rm"] - bias, rtol=1e-4, atol=1e-4)
     again = cli("rm", "export", "--model", exported, "--out", tmp_path / "twice")
     assert again.returncode == 2 and "already" in again.stderr and not (tmp_path / "twice").exists()
+
+
+def test_rm_export_never_overwrites_its_source_or_other_files(tiny_model, tmp_path, cli):
+    rm = tmp_path / "rm"
+    assert main(["rm", "--model", str(tiny_model("llama")), "--data", str(SAMPLES / "pairs.jsonl"), "--out", str(rm),
+                 "--max-steps", "1", "--progress", "false"]) == 0
+    before = sorted(p.name for p in rm.iterdir())
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    for out, message in ((rm, "would overwrite"), (rm / "inner", "would overwrite"),
+                         (tmp_path / "busy", "other files"), (SAMPLES / "pairs.jsonl", "a file")):
+        result = cli("rm", "export", "--model", rm, "--out", out)
+        assert result.returncode == 2 and message in result.stderr, (out, result.stderr)
+        assert "Loading weights" not in result.stderr, "checked before any work"
+    assert sorted(p.name for p in rm.iterdir()) == before and (tmp_path / "busy" / "keep.txt").exists()
+    assert cli("rm", "export", "--model", rm, "--out", tmp_path / "x").returncode == 0
+    assert cli("rm", "export", "--model", rm, "--out", tmp_path / "x").returncode == 0, "its own output: replaced"

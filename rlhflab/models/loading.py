@@ -279,12 +279,13 @@ def merge_command(config) -> int:
     """`rlhflab merge --adapter DIR --out DIR`: a plain HF model directory."""
     import shutil
 
-    from rlhflab.runs import atomic_write_directory, atomic_write_json
+    from rlhflab.runs import atomic_write_directory, atomic_write_json, check_output_directory
 
     if not config.adapter or not config.out:
         raise UsageError("give --adapter (an adapter directory) and --out (where to write the merged model)")
     if not is_adapter_dir(config.adapter):
         raise UsageError(f"--adapter {config.adapter}: no adapter_config.json there")
+    check_output_directory(config.out, config.adapter, "merged_from.json")
     placement = choose_placement("cpu", "fp32" if config.dtype == "auto" else config.dtype)
     model = load_causal_lm(config.adapter, placement, config.trust_remote_code, option="--adapter")
     tokenizer = load_tokenizer(config.adapter, config.trust_remote_code, option="--adapter")
@@ -300,6 +301,6 @@ def merge_command(config) -> int:
                 if (Path(config.adapter) / "reward_config.json").is_file() else {}
             atomic_write_json(tmp / "reward_config.json", {**info, "lora": False, "base": None})
 
-    out = atomic_write_directory(config.out, fill)
+    out = atomic_write_directory(config.out, fill, config.adapter, "merged_from.json")
     print(f"merged model written to {out}")
     return 0

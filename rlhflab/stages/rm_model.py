@@ -183,12 +183,13 @@ def export_command(config: ExportConfig) -> int:
     from transformers import AutoModelForSequenceClassification
 
     from rlhflab.models.loading import choose_placement
-    from rlhflab.runs import atomic_write_directory, atomic_write_json
+    from rlhflab.runs import atomic_write_directory, atomic_write_json, check_output_directory
 
     if not config.model or not config.out:
         raise UsageError("give --model (a reward model from `rlhflab rm`) and --out (where to write it)")
     if is_sequence_classifier(config.model):
         raise UsageError(f"--model {config.model}: already a Hugging Face sequence classifier")
+    check_output_directory(config.out, config.model, "exported_from.json")
     reward, tokenizer = load_reward_model(config.model, choose_placement("cpu", "fp32"), config.trust_remote_code)
     lm = reward.lm.merge_and_unload() if hasattr(reward.lm, "merge_and_unload") else reward.lm
     model_config = copy.deepcopy(lm.config)
@@ -213,7 +214,7 @@ def export_command(config: ExportConfig) -> int:
         atomic_write_json(tmp / "exported_from.json", {"reward_model": str(Path(config.model).resolve()),
                                                        "dropped_bias": dropped})
 
-    out = atomic_write_directory(config.out, fill)
+    out = atomic_write_directory(config.out, fill, config.model, "exported_from.json")
     print(f"{type(classifier).__name__} written to {out}" +
           (f"; its scores are the reward model's minus {dropped:.6g} (the head's bias)" if dropped else ""))
     return 0
