@@ -25,10 +25,28 @@ from pathlib import Path
 import torch
 
 
+def _umask() -> int:
+    """The process's umask: what open() and mkdir() take off 0666 / 0777 (mkstemp and mkdtemp
+    ignore it and make 0600 / 0700, which other users of a shared machine cannot read)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def readable_as_usual(directory: Path) -> None:
+    """Give every file under `directory` the mode open() would have (libraries that save through
+    mkstemp, safetensors among them, leave weights readable by their owner only)."""
+    mode = 0o666 & ~_umask()
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600 != mode:
+            os.chmod(path, mode)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_umask())   # others may read what we write, as with any other file
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -77,6 +95,7 @@ def atomic_write_directory(out: str | Path, fill, source: str | Path, marker: st
     tmp.mkdir(parents=True)
     try:
         fill(tmp)
+        readable_as_usual(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -217,6 +236,7 @@ def save_checkpoint(out: Path, step: int, write, state: dict, keep: int) -> Path
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step}-"))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         write(tmp)
         atomic_write_json(tmp / "trainer_state.json", {"step": step, **state})

@@ -183,3 +183,20 @@ def test_resuming_on_another_plan_warns(tiny_model, tmp_path, capsys):
     assert main([*args, "--max-steps", "6", "--resume", "auto"]) == 0
     err = capsys.readouterr().err
     assert "resumed from" in err and "planned as {'max_steps': 3" in err and "'max_steps': 6" in err
+
+
+def test_outputs_are_readable_as_the_umask_allows(tiny_model, tmp_path):
+    """Weights and summaries written through temporary files (mkstemp: 0600) get open()'s mode."""
+    from rlhflab.cli import main
+
+    old = os.umask(0o022)
+    try:
+        assert main(["sft", "--model", str(tiny_model("llama")), "--data", str(SAMPLES / "sft_messages.jsonl"),
+                     "--out", str(tmp_path / "sft"), "--max-steps", "2", "--save-every", "1",
+                     "--progress", "false"]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777
+             for p in (tmp_path / "sft").rglob("*") if p.is_file()}
+    assert "sft/model.safetensors" in modes and "sft/summary.json" in modes
+    assert {name: oct(m) for name, m in modes.items() if m != 0o644} == {}

@@ -271,6 +271,7 @@ def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Pat
 def finish(setup: Setup, summary: dict) -> dict:
     """Write summary.json last: its presence marks the stage as finished."""
     summary = {**summary, **runs.peak_memory()}
+    runs.readable_as_usual(setup.out)
     runs.atomic_write_json(setup.out / "summary.json", summary)
     if setup.accelerator.log_with:
         setup.accelerator.end_training()
