@@ -194,3 +194,23 @@ def test_a_bad_model_path_is_named_by_its_option(option, path, named, tmp_path, 
     result = cli("rm", option, path, "--data", SAMPLES / "pairs.jsonl", "--out", tmp_path / "o")
     assert result.returncode == 2 and named in result.stderr, result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_long_prompt_is_cut_from_its_start_so_the_answer_is_still_scored(tiny_model):
+    """A reward model reads its score at the last token: truncating the end would give every answer
+    to a long prompt the same score."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhflab.models.loading import load_tokenizer
+    from rlhflab.stages.rm import RewardModel
+    from rlhflab.stages.rm_model import score_texts
+
+    tok = load_tokenizer(str(tiny_model("llama")))
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny_model("llama")))
+    model = RewardModel(lm, lm.config.hidden_size).eval()
+    prompt = [{"role": "user", "content": "Tell me a story " + "please " * 200}]
+    good, bad = (prompt + [{"role": "assistant", "content": text}] for text in ("Once upon a time.", "No."))
+    first, second = score_texts(model, tok, [good, bad], max_length=64)
+    assert first != second

@@ -121,8 +121,10 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
-def encode_chat(tokenizer, messages: list[dict], max_length: int) -> Encoded:
-    """Token ids and labels for a whole conversation (see the module docstring for the policy)."""
+def encode_chat(tokenizer, messages: list[dict], max_length: int, keep_end: bool = False) -> Encoded:
+    """Token ids and labels for a whole conversation (see the module docstring for the policy).
+    Longer than max_length, it keeps its start, or with `keep_end` its end: a reward model reads
+    its score at the last token, so cutting the end would cut the answer it is asked to judge."""
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError("rlhflab needs a fast tokenizer (tokenizer.json) to build label masks")
     text, spans = assistant_char_spans(tokenizer, messages)
@@ -133,4 +135,5 @@ def encode_chat(tokenizer, messages: list[dict], max_length: int) -> Encoded:
         if b > a and any(s <= a < e for s, e in spans):
             labels[t] = ids[t]
     truncated = len(ids) > max_length
-    return Encoded(ids[:max_length], labels[:max_length], truncated)
+    cut = slice(len(ids) - max_length, None) if keep_end and truncated else slice(0, max_length)
+    return Encoded(ids[cut], labels[cut], truncated)

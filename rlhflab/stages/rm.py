@@ -41,7 +41,8 @@ class RMConfig(ModelOptions, DataOptions, TrainOptions):
     harden_kinds: int = opt(3, "--harden: degenerate answers added per prompt, rotating over all kinds (0 = all)")
     batch_size: int = opt(8, "pairs (pairwise) or prompts (ranking) per micro-batch")
     lr: float = opt(1e-4, "peak learning rate")
-    max_length: int = opt(256, "longest prompt + response in tokens (longer ones keep their start)")
+    max_length: int = opt(256, "longest prompt + response in tokens (longer ones keep their end, "
+                                           "where the score is read)")
     share_prompt: bool = opt(True, "score the responses to one prompt in one row, the prompt computed once "
                                    "(checked at the start; models that cannot take a 4D attention mask fall back)")
 
@@ -98,7 +99,8 @@ def encode_pair_rows(records, tokenizer, max_length: int, harden: bool, harden_k
             responses += bad
         seqs = []
         for response in responses:
-            enc = encode_chat(tokenizer, record.messages + [{"role": "assistant", "content": response}], max_length)
+            enc = encode_chat(tokenizer, record.messages + [{"role": "assistant", "content": response}], max_length,
+                              keep_end=True)
             truncated += enc.truncated
             seqs.append(enc.input_ids)
         gold = record.meta.get("gold_scores")

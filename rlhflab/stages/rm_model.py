@@ -154,7 +154,7 @@ def score_texts(model, tokenizer, conversations: list[list[dict]], batch_size: i
 
     device = next(model.parameters()).device
     max_length = min(max_length, context_limit(model) or max_length)   # GPT-2 style learned positions end
-    seqs = [encode_chat(tokenizer, c, max_length).input_ids for c in conversations]
+    seqs = [encode_chat(tokenizer, c, max_length, keep_end=True).input_ids for c in conversations]
     groups: list[list[list[int]]] = []
     for index, seq in enumerate(seqs):
         if index and conversations[index][:-1] == conversations[index - 1][:-1]:
