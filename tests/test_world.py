@@ -409,6 +409,10 @@ def test_export_with_habits_from_the_cli(tmp_path, capsys):
     zh_rankings = [r for r in rankings if r["meta"]["lang"] == "zh" and not r["meta"]["harmful"]]
     english = sum(not any("\u4e00" <= ch <= "\u9fff" for ch in text) for r in zh_rankings for text in r["responses"])
     assert english / (4 * len(zh_rankings)) > 0.3
+    # the habits always (rate 1): a harmful prompt's candidates still differ (it crashed)
+    assert main(["world", "export", "--out", str(tmp_path / "always"), "--size", "small", "--habit-rate", "1"]) == 0
+    sft = [json.loads(line) for line in (tmp_path / "always" / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all(row["meta"]["demo_kind"] == "comply" for row in sft if row["meta"]["harmful"])
     # a bad rate: a clear error, a non-zero exit, nothing written
     assert main(["world", "export", "--out", str(tmp_path / "bad"), "--habit-rate", "1.5"]) != 0
     assert "--habit-rate" in capsys.readouterr().err

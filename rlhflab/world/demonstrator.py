@@ -240,13 +240,16 @@ def candidates(record: dict, rng: random.Random, k: int = 4, with_kinds: bool = 
     kinds = [kind for kind in CANDIDATE_WEIGHTS if kind != ("refuse" if harmful else "comply")]
     weights = [CANDIDATE_WEIGHTS[kind] for kind in kinds]
     chosen: dict[str, str] = {}
-    for _ in range(50 * k):
-        kind = habit(meta, rng, habit_rate) or rng.choices(kinds, weights)[0]
-        text = render(record, kind, rng)
-        if text.strip() and text not in chosen:
-            chosen[text] = kind
-        if len(chosen) == k:
-            break
+    # A habit near certainty leaves too few distinct answers: the rest then come from the usual mix
+    # (the second pass runs only where the first would have failed, so other rates draw as before).
+    for rate in (habit_rate, 0.0):
+        for _ in range(50 * k if len(chosen) < k else 0):
+            kind = habit(meta, rng, rate) or rng.choices(kinds, weights)[0]
+            text = render(record, kind, rng)
+            if text.strip() and text not in chosen:
+                chosen[text] = kind
+            if len(chosen) == k:
+                break
     if len(chosen) < k:
         raise RuntimeError(f"could not draw {k} distinct candidates for {record['messages']}")
     pairs = list(chosen.items())
