@@ -60,7 +60,14 @@ def judge(config) -> int:
     if bool(config.responses) == bool(config.model):
         raise UsageError("give either --responses FILE, or --model M with --prompts P")
     if config.responses:
-        result = judge_file(config.responses)
+        if not Path(config.responses).is_file():
+            raise UsageError(f"--responses {config.responses}: no such file")
+        try:
+            result = judge_file(config.responses)
+        except ValueError as exc:
+            raise UsageError(f"--responses {exc}") from None
+        if not result["n"]:
+            raise UsageError(f"--responses {config.responses}: no responses in it")
     else:
         if not config.prompts:
             raise UsageError("--model needs --prompts (e.g. eval_prompts.jsonl from `rlhflab world export`)")

@@ -233,7 +233,7 @@ def validate(config) -> None:
         if choices and value not in choices:
             shown = ", ".join(str(c) for c in choices if c is not None)
             raise UsageError(f"--{f.name.replace('_', '-')}: {value!r} is not one of: {shown}")
-    positive = ("batch_size", "grad_accum", "max_length", "lora_r", "log_every", "keep_checkpoints")
+    positive = ("batch_size", "grad_accum", "max_length", "lora_r", "log_every", "keep_checkpoints", "max_new_tokens")
     for name in positive:
         if hasattr(config, name) and getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(config, name)}")

@@ -50,12 +50,23 @@ class EvalConfig:
             raise UsageError(f"--judge {self.judge!r}: expected rm:DIR")
         if self.baseline and not self.judge:
             raise UsageError("--baseline needs --judge rm:DIR to decide who wins")
+        from rlhflab.models.loading import _check_source
+
+        for path in named_models(self.model).values():   # every name and path, before any model runs
+            _check_source(path, "--model")
+        if self.judge and not Path(self.judge[3:]).is_dir():
+            raise UsageError(f"--judge {self.judge}: no such directory")
 
 
 def named_models(spec: str) -> dict[str, str]:
     out = {}
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         name, _, path = item.rpartition("=") if "=" in item else (Path(item).name or item, "", item)
+        if not name or "/" in name:
+            raise UsageError(f"--model {item}: give a name without '/' (NAME=PATH)")
+        if name in out:
+            raise UsageError(f"--model: two models are called {name!r} ({out[name]}, {path}); "
+                             "name them with NAME=PATH")
         out[name] = path
     return out
 

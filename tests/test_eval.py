@@ -52,3 +52,24 @@ def test_eval_needs_a_judge_for_a_baseline(tiny_model):
 
     with pytest.raises(UsageError, match="--baseline needs --judge"):
         parse("eval", ["--model", str(tiny_model("llama")), "--prompts", "p.jsonl", "--baseline", "x"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "a/sft,b/sft"], "two models are called 'sft'"),
+    (["--model", "MODEL,/no/such/model"], "--model /no/such/model: no such directory"),
+    (["--model", "MODEL", "--judge", "rm:/no/such/rm"], "--judge rm:/no/such/rm: no such directory"),
+    (["--model", "MODEL", "--max-new-tokens", "0"], "--max-new-tokens: must be at least 1"),
+])
+def test_eval_checks_its_options_before_any_model_runs(args, message, tiny_model, tmp_path, cli):
+    args = [a.replace("MODEL", str(tiny_model("llama"))) for a in args]
+    result = cli("eval", *args, "--prompts", SAMPLES / "prompts.jsonl", "--out", tmp_path / "ev")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "ev").exists() and "eval:" not in result.stdout
+
+
+def test_judge_names_a_bad_responses_file(tmp_path, cli):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [], "response": "x"}\n{"oops": 1}\n')
+    for path, message in ((tmp_path / "none.jsonl", "no such file"), (bad, f"{bad}:2")):
+        result = cli("judge", "--responses", path)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
