@@ -6,6 +6,8 @@ import json
 
 from transformers import AutoTokenizer
 
+from conftest import SAMPLES
+
 
 def test_world_tokenizer_pretrain_then_sft(cli, tmp_path):
     world, tok, base, sft = tmp_path / "world", tmp_path / "tok", tmp_path / "base", tmp_path / "sft"
@@ -45,3 +47,13 @@ def test_world_tokenizer_pretrain_then_sft(cli, tmp_path):
 def test_pretrain_needs_exactly_one_model_source(cli, tmp_path):
     result = cli("pretrain", "--data", tmp_path / "x.txt", "--out", tmp_path / "o")
     assert result.returncode == 2 and "exactly one of --model" in result.stderr
+
+
+def test_max_length_past_the_models_positions_is_fitted(tiny_model, tmp_path, capsys):
+    """GPT-2's learned position table ends at 256 here: --max-length 1024 would index past it."""
+    from rlhflab.cli import main
+
+    assert main(["pretrain", "--model", str(tiny_model("gpt2")), "--data", str(SAMPLES / "corpus.txt"),
+                 "--max-length", "1024", "--max-steps", "1", "--batch-size", "1", "--out", str(tmp_path / "p"),
+                 "--progress", "false"]) == 0
+    assert "using 256" in capsys.readouterr().err

@@ -7,6 +7,7 @@ support is ~20x slower).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,7 +245,19 @@ def load_for_training(config, placement: Placement):
     if not train_full:
         extra = ["embed_tokens", "lm_head"] if grew else None
         model = apply_lora(model, config, extra)
+    config.max_length = fit_context(model, config.max_length)
     return model, tokenizer, base_name
+
+
+def fit_context(model, max_length: int) -> int:
+    """--max-length, or the model's own limit where its positions end sooner (learned position
+    tables, as GPT-2's, index out of range past it)."""
+    limit = context_limit(model)
+    if limit and max_length > limit:
+        print(f"note: --max-length {max_length} is more than the model's {limit} positions: using {limit}",
+              file=sys.stderr)
+        return limit
+    return max_length
 
 
 def raise_unless_qlora_possible() -> None:

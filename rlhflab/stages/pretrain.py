@@ -14,7 +14,8 @@ import torch
 
 from rlhflab.data.formats import iter_raw_rows
 from rlhflab.errors import UsageError
-from rlhflab.models.loading import build_fresh, count_parameters, load_causal_lm, load_tokenizer, save_model
+from rlhflab.models.loading import (build_fresh, count_parameters, fit_context, load_causal_lm, load_tokenizer,
+                                    save_model)
 from rlhflab.stages import common
 from rlhflab.stages.sft import train_next_token
 
@@ -84,6 +85,7 @@ def run(config) -> dict:
             model = apply_lora(model, config)
     else:
         model = build_fresh(config.preset or config.init_config, tokenizer, config.seed).to(setup.placement.device)
+    config.max_length = fit_context(model, config.max_length)
     blocks = pack(docs, tokenizer, config.max_length)
     n_eval = max(1, int(len(blocks) * config.eval_fraction)) if len(blocks) > 1 and config.eval_fraction else 0
     generator = torch.Generator().manual_seed(config.seed)
