@@ -168,3 +168,8 @@ def test_rm_export_never_overwrites_its_source_or_other_files(tiny_model, tmp_pa
     assert sorted(p.name for p in rm.iterdir()) == before and (tmp_path / "busy" / "keep.txt").exists()
     assert cli("rm", "export", "--model", rm, "--out", tmp_path / "x").returncode == 0
     assert cli("rm", "export", "--model", rm, "--out", tmp_path / "x").returncode == 0, "its own output: replaced"
+
+
+def test_chat_refuses_a_classifier(classifier, cli):
+    result = cli("chat", classifier(1))
+    assert result.returncode == 2 and "is a reward model" in result.stderr, result.stderr
