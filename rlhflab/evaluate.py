@@ -50,12 +50,8 @@ class EvalConfig:
             raise UsageError(f"--judge {self.judge!r}: expected rm:DIR")
         if self.baseline and not self.judge:
             raise UsageError("--baseline needs --judge rm:DIR to decide who wins")
-        from rlhflab.models.loading import _check_source
-
-        for path in named_models(self.model).values():   # every name and path, before any model runs
-            _check_source(path, "--model")
-        if self.judge and not Path(self.judge[3:]).is_dir():
-            raise UsageError(f"--judge {self.judge}: no such directory")
+        named_models(self.model)   # the names; the paths are checked when the run starts (a pipeline's
+        #                            earlier stages may still have to write them)
 
 
 def named_models(spec: str) -> dict[str, str]:
@@ -248,10 +244,13 @@ def run(config: EvalConfig) -> int:
     from rlhflab.commands import load_prompts
     from rlhflab.runs import atomic_write_json
 
+    from rlhflab.models.loading import _check_source
+
     models = named_models(config.model)
-    for name, path in models.items():
-        if not Path(path).exists() and "/" not in path.strip("./"):
-            raise UsageError(f"--model {path}: no such directory")
+    for path in models.values():   # every path, before any model runs
+        _check_source(path, "--model")
+    if config.judge and not Path(config.judge[3:]).is_dir():
+        raise UsageError(f"--judge {config.judge}: no such directory")
     records = load_prompts(config.prompts)
     if config.max_rows:
         records = records[: config.max_rows]

@@ -13,9 +13,10 @@ directory of the earlier stage called `name`, so later stages can start from ear
         command: rm
         options: {model: "{sft}", data: pairs.jsonl, lora: true}
 
-Every stage's options are validated before the first one runs. Training stages write to
-OUT/NAME unless given --out; one whose directory holds a summary.json is skipped, and one that was
-interrupted resumes from its last checkpoint. Other commands (audit, eval, judge ...) run each time.
+Every stage's options are validated before the first one runs. Training stages, and the commands
+that write a directory (world export, tokenizer train, rm export, merge), write to OUT/NAME unless
+given an out; "{name}" is that directory. A training stage whose directory holds a summary.json is
+skipped, and one that was interrupted resumes from its last checkpoint. Other commands run each time.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class Stage:
 _REFERENCE = re.compile(r"\{([A-Za-z0-9_-]+)\}")
 
 
+# Commands that write a directory but do not train: they get OUT/NAME too, and run every time.
+DIRECTORY_COMMANDS = ("world export", "tokenizer train", "rm export", "merge")
+
+
 def load_pipeline(path: str) -> list[Stage]:
     """Parse and validate a pipeline file; every stage's options are checked by its own config."""
     from rlhflab.cli import COMMANDS, parse
@@ -81,12 +86,14 @@ def load_pipeline(path: str) -> list[Stage]:
         options = entry.get("options") or {}
         if not isinstance(options, dict):
             raise UsageError(f"{where} ({name}): 'options' must be a mapping of option: value")
-        out = root / name
         argv = []
         for key, value in options.items():
             argv += [f"--{str(key).replace('_', '-')}", _resolve(value, dirs, f"{where} ({name}), option {key}")]
         trains = "resume" in {f.name for f in cfg.fields_of(_config_class(command))}
-        if trains and "out" not in options:
+        writes_directory = trains or command in DIRECTORY_COMMANDS
+        given = next((argv[j + 1] for j in range(0, len(argv), 2) if argv[j] == "--out"), None)
+        out = Path(given) if given else root / name if writes_directory else None
+        if writes_directory and given is None:
             argv += ["--out", str(out)]
         if trains and "resume" not in options:
             argv += ["--resume", "auto"]
@@ -105,13 +112,16 @@ def _config_class(command: str):
     return _load(COMMANDS[command][0])
 
 
-def _resolve(value, dirs: dict[str, Path], where: str) -> str:
+def _resolve(value, dirs: dict[str, Path | None], where: str) -> str:
     text = str(value).lower() if isinstance(value, bool) else str(value)
 
     def replace(match: re.Match) -> str:
         if match.group(1) not in dirs:
             raise UsageError(f"{where}: {{{match.group(1)}}} names no earlier stage (earlier: "
                              f"{', '.join(dirs) or 'none'})")
+        if dirs[match.group(1)] is None:
+            raise UsageError(f"{where}: {{{match.group(1)}}} names a stage that writes no directory of its "
+                             "own; give that stage an 'out' option and name the path")
         return str(dirs[match.group(1)])
 
     return _REFERENCE.sub(replace, text)

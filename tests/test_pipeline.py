@@ -66,3 +66,29 @@ stages:
     assert main(["run", str(path), "--only", "sft"]) == 0
     assert "done already" in capsys.readouterr().err
     assert (tmp_path / "run" / "sft" / "summary.json").stat().st_mtime == stamp
+
+
+def test_references_name_the_directory_each_stage_really_writes(tmp_path):
+    body = """out: {root}
+stages:
+  - command: world export
+    options: {{size: small}}
+  - name: tok
+    command: tokenizer train
+    options: {{corpus: "{{world-export}}/corpus.txt", vocab_size: 500}}
+  - command: sft
+    options: {{model: some/model, data: "{{world-export}}/sft.jsonl", out: {root}/elsewhere}}
+  - command: rm
+    options: {{model: "{{sft}}", data: "{{world-export}}/prefs.jsonl"}}
+""".format(root=tmp_path / "run")
+    (tmp_path / "p.yaml").write_text(body)
+    stages = {s.name: s for s in load_pipeline(str(tmp_path / "p.yaml"))}
+    world = tmp_path / "run" / "world-export"
+    assert stages["world-export"].argv[-2:] == ["--out", str(world)], "a directory it writes: OUT/NAME by default"
+    assert stages["tok"].argv[:2] == ["--corpus", f"{world}/corpus.txt"]
+    assert stages["sft"].out == tmp_path / "run" / "elsewhere"
+    assert stages["rm"].argv[:2] == ["--model", str(tmp_path / "run" / "elsewhere")], "the sft stage's own out"
+    (tmp_path / "q.yaml").write_text("stages:\n  - command: judge\n    options: {responses: r.jsonl}\n"
+                                     "  - command: rm\n    options: {model: '{judge}', data: x.jsonl}\n")
+    with pytest.raises(UsageError, match="writes no directory"):
+        load_pipeline(str(tmp_path / "q.yaml"))

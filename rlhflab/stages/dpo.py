@@ -75,9 +75,6 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
             raise UsageError("online rounds sample from the policy: give --prompts")
         if self.rank_by != "judge" and not self.rank_by.startswith("rm:"):
             raise UsageError(f"--rank-by {self.rank_by!r}: expected 'judge' or 'rm:DIR'")
-        online = self.rounds > 1 or not self.data
-        if online and self.rank_by.startswith("rm:") and not Path(self.rank_by[3:]).is_dir():
-            raise UsageError(f"--rank-by {self.rank_by}: no such directory")   # before round 1 trains
         if self.k < 2:
             raise UsageError("--k: must be at least 2")
         if self.beta <= 0:
@@ -392,6 +389,8 @@ def run(config: DPOConfig) -> dict:
     if config.prompts:
         prompts, _ = load_records(config.prompts, "prompts", option="--prompts")
     online = config.rounds > 1 or not config.data
+    if online and config.rank_by.startswith("rm:") and not Path(config.rank_by[3:]).is_dir():
+        raise UsageError(f"--rank-by {config.rank_by}: no such directory")   # before round 1 trains
     if online and config.rank_by == "judge" and not all(p.meta.get("family") for p in prompts):
         raise UsageError(f"--rank-by judge ranks answers with the toy world's judge, but {config.prompts} has "
                          "prompts without a toy-world meta.family: give --rank-by rm:DIR, or world prompts")
