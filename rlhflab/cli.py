@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhflab {command}: stopped: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print(f"\nrlhflab {command}: interrupted; the last checkpoint is intact (resume with --resume auto)",
-              file=sys.stderr)
+        resumable = "resume" in {f.name for f in cfg.fields_of(_load(COMMANDS[command][0]))}
+        print(f"\nrlhflab {command}: interrupted" + ("; the last checkpoint is intact (resume with --resume auto)"
+                                                     if resumable else ""), file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0
 
