@@ -251,6 +251,14 @@ def run(config: EvalConfig) -> int:
         _check_source(path, "--model")
     if config.judge and not Path(config.judge[3:]).is_dir():
         raise UsageError(f"--judge {config.judge}: no such directory")
+    if config.reference:   # a KL between two vocabularies compares unrelated token ids
+        from rlhflab.models.loading import load_tokenizer
+
+        vocab = load_tokenizer(config.reference, config.trust_remote_code, option="--reference").get_vocab()
+        for name, path in models.items():
+            if load_tokenizer(path, config.trust_remote_code, option="--model").get_vocab() != vocab:
+                raise UsageError(f"--reference {config.reference}: its tokenizer is not {name}'s ({path}); "
+                                 "the KL to it needs the same vocabulary")
     records = load_prompts(config.prompts)
     if config.max_rows:
         records = records[: config.max_rows]

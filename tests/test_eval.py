@@ -73,3 +73,18 @@ def test_judge_names_a_bad_responses_file(tmp_path, cli):
     for path, message in ((tmp_path / "none.jsonl", "no such file"), (bad, f"{bad}:2")):
         result = cli("judge", "--responses", path)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_refuses_a_reference_with_another_vocabulary(tiny_model, tmp_path, cli):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import sample_texts, tiny_config
+    from rlhflab.models.tokenizer import train_tokenizer
+
+    train_tokenizer(sample_texts(), 420, tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    AutoModelForCausalLM.from_config(tiny_config("llama", tok)).save_pretrained(str(tmp_path / "other"))
+    tok.save_pretrained(str(tmp_path / "other"))
+    result = cli("eval", "--model", tiny_model("llama"), "--reference", tmp_path / "other",
+                 "--prompts", SAMPLES / "prompts.jsonl", "--max-rows", 2, "--max-new-tokens", 2)
+    assert result.returncode == 2 and "same vocabulary" in result.stderr, result.stderr
