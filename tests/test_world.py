@@ -473,3 +473,13 @@ def test_every_entity_good_answer_scores_one():
             for variant in range(2):
                 result = judge(messages, tasks.answer_text(family, slots, lang, variant))
                 assert result.family == family and result.score >= 0.98, (messages, result)
+
+
+@pytest.mark.parametrize("command", [["world", "export"], ["tokenizer", "train", "--corpus", "x.txt"]])
+def test_an_out_that_is_a_file_is_refused(command, tmp_path, capsys):
+    from rlhflab.cli import main
+
+    (tmp_path / "afile").write_text("keep")
+    assert main([*command, "--out", str(tmp_path / "afile")]) == 2
+    assert "a file; expected a directory" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "keep"
