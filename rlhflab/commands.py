@@ -78,7 +78,11 @@ def judge(config) -> int:
     else:
         if not config.prompts:
             raise UsageError("--model needs --prompts (e.g. eval_prompts.jsonl from `rlhflab world export`)")
-        rows = generate_answers(config.model, load_prompts(config.prompts), config)
+        records = load_prompts(config.prompts)
+        if not all(r.meta.get("family") for r in records):
+            raise UsageError(f"--prompts {config.prompts}: prompts without a toy-world meta.family; the judge "
+                             "knows only the toy world's tasks (export them with `rlhflab world export`)")
+        rows = generate_answers(config.model, records, config)
         out = Path(config.out) if config.out else Path(config.model) / "judge_responses.jsonl"
         from rlhflab.runs import atomic_write_jsonl
 

@@ -88,3 +88,8 @@ def test_eval_refuses_a_reference_with_another_vocabulary(tiny_model, tmp_path, 
     result = cli("eval", "--model", tiny_model("llama"), "--reference", tmp_path / "other",
                  "--prompts", SAMPLES / "prompts.jsonl", "--max-rows", 2, "--max-new-tokens", 2)
     assert result.returncode == 2 and "same vocabulary" in result.stderr, result.stderr
+
+
+def test_judge_refuses_prompts_from_outside_the_toy_world(tiny_model, cli):
+    result = cli("judge", "--model", tiny_model("llama"), "--prompts", SAMPLES / "prompts.jsonl")
+    assert result.returncode == 2 and "toy-world meta.family" in result.stderr, result.stderr
