@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rlhflab.config import opt
@@ -165,6 +165,10 @@ def chat_loop(model, tokenizer, config: ChatConfig, read_line: Callable[[str], s
     system = config.system
     history = fresh_history(system)
     limit = context_limit(model)
+    if limit and config.max_new_tokens > limit // 2:   # else no room is left for what the user says
+        write(f"(the model's context holds {limit} tokens: answers are kept to {limit // 2} of them, "
+              f"not --max-new-tokens {config.max_new_tokens})\n")
+        config = replace(config, max_new_tokens=limit // 2)
     turn = 0
     while True:
         line = read_line("you> ")

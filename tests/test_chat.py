@@ -190,3 +190,11 @@ def test_chat_answers_a_typed_question_in_a_pseudo_terminal(tiny_model):
     after_question = seen.split(b"you> ")[1]
     assert "2 plus 3".encode() in after_question  # the typed line is echoed by the terminal
     assert len(after_question.strip()) > len("What is 2 plus 3? 你好".encode()), "no answer was shown"
+
+
+def test_answers_leave_room_for_the_question_in_a_short_context(tiny_model, monkeypatch, capsys):
+    """GPT-2 here holds 256 positions: with --max-new-tokens 256 every message was refused."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/exit\n"))
+    assert chat.run(chat_config(model=str(tiny_model("gpt2")), temperature=0, max_new_tokens=256)) == 0
+    out = capsys.readouterr().out
+    assert "answers are kept to 128" in out and "too long" not in out and "assistant> " in out
