@@ -191,18 +191,18 @@ def suggest(name: str, valid: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def load_yaml(path: str) -> dict:
+def load_yaml(path: str, option: str = "--config") -> dict:
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"--config: file not found: {path}")
+        raise UsageError(f"{option}: file not found: {path}")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise UsageError(f"--config {path}: not valid YAML: {exc}") from None
+        raise UsageError(f"{option} {path}: not valid YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
+        raise UsageError(f"{option} {path}: expected a mapping of option: value, got {type(data).__name__}")
     return data
 
 

@@ -46,8 +46,9 @@ class Stage:
     name: str
     command: str
     argv: list[str]
-    out: Path
+    out: Path | None
     trains: bool
+    options: dict       # the stage's resolved options, as its config.yaml records them
 
 
 _REFERENCE = re.compile(r"\{([A-Za-z0-9_-]+)\}")
@@ -61,7 +62,7 @@ def load_pipeline(path: str) -> list[Stage]:
     """Parse and validate a pipeline file; every stage's options are checked by its own config."""
     from rlhflab.cli import COMMANDS, parse
 
-    data = cfg.load_yaml(path)
+    data = cfg.load_yaml(path, "the pipeline")
     unknown = sorted(set(data) - {"out", "stages"})
     if unknown:
         raise UsageError(f"{path}: unknown key {unknown[0]!r} (a pipeline has 'out' and 'stages')")
@@ -98,12 +99,27 @@ def load_pipeline(path: str) -> list[Stage]:
         if trains and "resume" not in options:
             argv += ["--resume", "auto"]
         try:
-            parse(command, argv)
+            options = cfg.to_dict(parse(command, argv))
         except UsageError as exc:
             raise UsageError(f"{where} ({name}): {exc}") from None
         dirs[name] = out
-        stages.append(Stage(name, command, argv, out, trains))
+        stages.append(Stage(name, command, argv, out, trains, options))
     return stages
+
+
+def _changes(stage: Stage) -> str:
+    """A note naming the options a finished stage ran with that this file now sets otherwise."""
+    import yaml
+
+    try:
+        ran = yaml.safe_load((stage.out / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return ""
+    changed = sorted(k for k, v in stage.options.items() if k not in ("resume", "progress") and k in ran and ran[k] != v)
+    if not changed:
+        return ""
+    return (f"; note: it ran with other {', '.join('--' + k.replace('_', '-') for k in changed)} than this file "
+            f"gives; delete {stage.out} to run it again")
 
 
 def _config_class(command: str):
@@ -146,7 +162,7 @@ def run(config: PipelineConfig) -> int:
             print(line)
             continue
         if stage.trains and (stage.out / "summary.json").exists():
-            print(f"== {stage.name}: done already ({stage.out}), skipped", file=sys.stderr)
+            print(f"== {stage.name}: done already ({stage.out}), skipped{_changes(stage)}", file=sys.stderr)
             continue
         print(f"== {stage.name}: {line}", file=sys.stderr)
         code = main([*stage.command.split(), *stage.argv])

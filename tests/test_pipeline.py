@@ -64,8 +64,13 @@ stages:
     stamp = (tmp_path / "run" / "sft" / "summary.json").stat().st_mtime
     capsys.readouterr()
     assert main(["run", str(path), "--only", "sft"]) == 0
-    assert "done already" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "done already" in err and "note" not in err
     assert (tmp_path / "run" / "sft" / "summary.json").stat().st_mtime == stamp
+    text = path.read_text()
+    path.write_text(text.replace("max_steps: 2", "max_steps: 3", 1))
+    assert main(["run", str(path), "--only", "sft"]) == 0
+    assert "it ran with other --max-steps than this file gives" in capsys.readouterr().err
 
 
 def test_references_name_the_directory_each_stage_really_writes(tmp_path):
