@@ -370,15 +370,23 @@ def results_section(results: dict) -> str:
         return ""
     models = {name: m for name, m in models.items() if isinstance(m, dict)}
     facets = sorted({f for m in models.values() if isinstance(m.get("facets"), dict) for f in m["facets"]})
+    def win_rate(m: dict):
+        return m["vs_baseline"].get("win_rate") if isinstance(m.get("vs_baseline"), dict) else None
+
+    # What `rlhflab eval` prints beside the gold judge, where some model has it.
+    extra = [(label, get) for label, get in (("rm score", lambda m: m.get("rm_score")), ("win rate", win_rate),
+                                              ("KL to ref.", lambda m: m.get("kl_to_reference")))
+             if any(get(m) is not None for m in models.values())]
     rows = []
     for name, m in models.items():
         facet_values = m.get("facets") if isinstance(m.get("facets"), dict) else {}
         cells = [number_cell(m.get("gold"), shade=True)] + [number_cell(facet_values.get(f), shade=True)
                                                            for f in facets]
+        cells += [number_cell(get(m)) for _, get in extra]
         cells += [number_cell(m.get("mean_chars")), number_cell(m.get("empty"))]
         rows.append(f"<tr><td>{esc(name)}</td>{''.join(cells)}</tr>")
-    return ("<h2>Held-out evaluation (gold judge)</h2>"
-            + table(["model", "gold", *facets, "mean chars", "empty"], rows))
+    return ("<h2>Held-out evaluation</h2>"
+            + table(["model", "gold", *facets, *(label for label, _ in extra), "mean chars", "empty"], rows))
 
 
 def prompt_text(row: dict) -> str:
@@ -422,7 +430,8 @@ def render(run_dir: Path) -> str:
     stages = find_stages(run_dir)
     summaries = {s.name: read_json(s / "summary.json", notes) for s in stages}
     summaries = {k: v if isinstance(v, dict) else None for k, v in summaries.items()}
-    results = read_json(run_dir / "results.json", notes)
+    # The quickstart's results.json, else what `rlhflab eval --out RUN/eval` wrote (the same "models").
+    results = read_json(run_dir / "results.json", notes) or read_json(run_dir / "eval" / "figures.json", notes)
     body = [overview_section(stages, summaries)]
     body += [stage_section(stage, summaries[stage.name], notes) for stage in stages]
     if isinstance(results, dict):

@@ -144,3 +144,17 @@ def test_the_page_parses_as_balanced_html(run_dir):
     assert not parser.errors and not parser.stack, (parser.errors[:5], parser.stack)
     assert parser.counts.get("svg", 0) >= 10 and parser.counts.get("table", 0) >= 3
     assert parser.counts.get("polyline", 0) + parser.counts.get("path", 0) >= 10
+
+
+def test_the_figures_rlhflab_eval_wrote_are_shown(tmp_path):
+    """Without the quickstart's results.json, `rlhflab eval --out RUN/eval` output is the table,
+    with the columns eval prints (reward-model score, win rate, KL) where a model has them."""
+    run = tmp_path / "run"
+    write_json(run / "sft" / "summary.json", {"steps": 2})
+    write_json(run / "eval" / "figures.json", {"prompts": "p.jsonl", "n": 3, "models": {
+        "sft": {"gold": 0.61, "rm_score": 1.25, "kl_to_reference": 0.0, "mean_chars": 20.0, "empty": 0.0},
+        "ppo": {"gold": 0.66, "rm_score": 1.75, "kl_to_reference": 0.4, "vs_baseline": {"win_rate": 0.7},
+                "mean_chars": 18.0, "empty": 0.0}}})
+    page = render(run)
+    assert "Held-out evaluation" in page and "win rate" in page and "KL to ref." in page
+    assert ">1.75<" in page and ">0.7<" in page
