@@ -61,7 +61,11 @@ def load_prompts(path: str) -> list:
 
 
 def judge(config) -> int:
-    """Score a file of responses, or generate with --model on --prompts and score those."""
+    """Score a file of responses, or generate with --model on --prompts and score those; with --out,
+    the responses are written there with each one's score and facets."""
+    import tempfile
+
+    from rlhflab.runs import atomic_write_jsonl
     from rlhflab.world import format_table, judge_file
 
     if bool(config.responses) == bool(config.model):
@@ -83,14 +87,30 @@ def judge(config) -> int:
             raise UsageError(f"--prompts {config.prompts}: prompts without a toy-world meta.family; the judge "
                              "knows only the toy world's tasks (export them with `rlhflab world export`)")
         rows = generate_answers(config.model, records, config)
-        out = Path(config.out) if config.out else Path(config.model) / "judge_responses.jsonl"
-        from rlhflab.runs import atomic_write_jsonl
-
-        atomic_write_jsonl(out, rows)
-        result = judge_file(str(out))
-        print(f"responses written to {out}")
+        with tempfile.TemporaryDirectory() as tmp:   # never into the model's directory
+            atomic_write_jsonl(Path(tmp) / "responses.jsonl", rows)
+            result = judge_file(str(Path(tmp) / "responses.jsonl"))
+    if config.out:
+        atomic_write_jsonl(config.out, scored_rows(config.responses, rows if config.model else None))
+        print(f"scored responses written to {config.out}")
     print(format_table(result))
     return 0
+
+
+def scored_rows(path: str | None, rows: list[dict] | None) -> list[dict]:
+    """Each {messages, response, meta} row with the gold judge's score and facets added."""
+    import json
+
+    from rlhflab.world import judge as gold
+
+    if rows is None:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        rows = [json.loads(line) for line in lines if line.strip()]
+    out = []
+    for row in rows:
+        result = gold(row["messages"], row["response"], row.get("meta"))
+        out.append({**row, "score": result.score, "facets": result.facets})
+    return out
 
 
 def generate_answers(model_name: str, records: list, config) -> list[dict]:

@@ -38,10 +38,13 @@ def test_world_tokenizer_pretrain_then_sft(cli, tmp_path):
                  "--max-new-tokens", 8)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
-    assert len(rows) == 50 and all({"messages", "response", "meta"} <= set(r) for r in rows)
+    assert len(rows) == 50 and all({"messages", "response", "meta", "score", "facets"} <= set(r) for r in rows)
+    assert not (sft / "judge_responses.jsonl").exists(), "nothing written into the model's directory"
     assert "score" in result.stdout and "language" in result.stdout
-    again = cli("judge", "--responses", answers)
+    again = cli("judge", "--responses", answers, "--out", tmp_path / "again.jsonl")
     assert again.returncode == 0 and again.stdout.split("score")[1].split()[0] == result.stdout.split("score")[1].split()[0]
+    rescored = [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()]
+    assert [r["score"] for r in rescored] == [r["score"] for r in rows]
 
 
 def test_pretrain_needs_exactly_one_model_source(cli, tmp_path):
