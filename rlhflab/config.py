@@ -161,6 +161,11 @@ def convert(cls, name: str, value, where: str):
     """Turn a YAML/CLI value into the field's type; raise UsageError naming the option."""
     tp = _base_type(_resolved_types(cls)[name])
     flag = "--" + name.replace("_", "-")
+    repeatable = next(f for f in fields_of(cls) if f.name == name).metadata.get("repeatable")
+    if isinstance(value, (list, tuple)):   # YAML lists: a repeatable option's values, joined as on the command line
+        if not repeatable:
+            raise UsageError(f"{flag} ({where}): takes one value, got a list")
+        value = ",".join(str(v) for v in value)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and tp is not str):
         return None
     try:

@@ -88,7 +88,11 @@ def load_pipeline(path: str) -> list[Stage]:
         if not isinstance(options, dict):
             raise UsageError(f"{where} ({name}): 'options' must be a mapping of option: value")
         argv = []
+        fields = {f.name: f for f in cfg.fields_of(_config_class(command))}
         for key, value in options.items():
+            field_ = fields.get(str(key).replace("-", "_"))
+            if isinstance(value, list) and field_ is not None and not field_.metadata.get("repeatable"):
+                raise UsageError(f"{where} ({name}), option {key}: takes one value, got a list")
             argv += [f"--{str(key).replace('_', '-')}", _resolve(value, dirs, f"{where} ({name}), option {key}")]
         trains = "resume" in {f.name for f in cfg.fields_of(_config_class(command))}
         writes_directory = trains or command in DIRECTORY_COMMANDS
@@ -129,6 +133,8 @@ def _config_class(command: str):
 
 
 def _resolve(value, dirs: dict[str, Path | None], where: str) -> str:
+    if isinstance(value, (list, tuple)):   # a repeatable option's values, as repeating it would give
+        return ",".join(_resolve(v, dirs, where) for v in value)
     text = str(value).lower() if isinstance(value, bool) else str(value)
 
     def replace(match: re.Match) -> str:

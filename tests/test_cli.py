@@ -85,3 +85,12 @@ def test_bad_input_through_the_cli_exits_2_and_writes_nothing(args, message, cli
 def test_unknown_command(capsys):
     assert main(["sfft"]) == 2
     assert "did you mean 'sft'" in capsys.readouterr().err
+
+
+def test_a_yaml_list_fills_a_repeatable_option(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: [runs/a/sft, runs/b/ppo]\nprompts: p.jsonl\n")
+    config = parse("eval", ["--config", str(tmp_path / "c.yaml")])
+    assert config.model == "runs/a/sft,runs/b/ppo"
+    (tmp_path / "d.yaml").write_text("model: [a, b]\ndata: x.jsonl\n")
+    with pytest.raises(UsageError, match="takes one value, got a list"):
+        parse("sft", ["--config", str(tmp_path / "d.yaml")])

@@ -97,3 +97,18 @@ stages:
                                      "  - command: rm\n    options: {model: '{judge}', data: x.jsonl}\n")
     with pytest.raises(UsageError, match="writes no directory"):
         load_pipeline(str(tmp_path / "q.yaml"))
+
+
+def test_yaml_lists_give_a_repeatable_option_its_values(tmp_path):
+    (tmp_path / "p.yaml").write_text("""out: run
+stages:
+  - command: sft
+    options: {model: some/model, data: x.jsonl}
+  - command: eval
+    options: {model: ["{sft}", other/model], prompts: p.jsonl}
+""")
+    stages = {s.name: s for s in load_pipeline(str(tmp_path / "p.yaml"))}
+    assert stages["eval"].argv[:2] == ["--model", f"{Path('run') / 'sft'},other/model"]
+    (tmp_path / "q.yaml").write_text("stages:\n  - command: sft\n    options: {model: [a, b], data: x.jsonl}\n")
+    with pytest.raises(UsageError, match="takes one value, got a list"):
+        load_pipeline(str(tmp_path / "q.yaml"))
