@@ -265,6 +265,8 @@ def run(config: EvalConfig) -> int:
     out = Path(config.out) if config.out else None
     if out is not None and (out.is_dir() or not out.suffix):
         out = out / "figures.json"          # a directory: the figures inside it, the answers beside them
+    if out is not None and any(p.exists() and not p.is_dir() for p in out.parents):
+        raise UsageError(f"--out {config.out}: a file stands where a directory of it should be")
     results = evaluate_models(models, records, config, out.parent if out else None)
     print(format_table(results))
     if out is not None:

@@ -452,6 +452,8 @@ def run(config: ReportConfig) -> int:
 
     run_dir = check_run_dir(config.run_dir)
     out = Path(config.out) if config.out else run_dir / "report.html"
+    if out.is_dir():
+        out = out / "report.html"
     atomic_write_text(out, render(run_dir))
     print(out)
     return 0

@@ -93,3 +93,10 @@ def test_eval_refuses_a_reference_with_another_vocabulary(tiny_model, tmp_path, 
 def test_judge_refuses_prompts_from_outside_the_toy_world(tiny_model, cli):
     result = cli("judge", "--model", tiny_model("llama"), "--prompts", SAMPLES / "prompts.jsonl")
     assert result.returncode == 2 and "toy-world meta.family" in result.stderr, result.stderr
+
+
+def test_eval_out_under_a_file_is_refused_before_generating(tiny_model, tmp_path, cli):
+    (tmp_path / "afile").write_text("keep")
+    result = cli("eval", "--model", tiny_model("llama"), "--prompts", SAMPLES / "prompts.jsonl",
+                 "--max-rows", 1, "--max-new-tokens", 2, "--out", tmp_path / "afile" / "x.json")
+    assert result.returncode == 2 and "a file stands where" in result.stderr and "eval:" not in result.stdout

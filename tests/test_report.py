@@ -101,6 +101,8 @@ def test_out_option_and_bad_directories(run_dir, tmp_path):
     out = tmp_path / "elsewhere" / "page.html"
     assert report.run(report.ReportConfig(run_dir=str(run_dir), out=str(out))) == 0
     assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert report.run(report.ReportConfig(run_dir=str(run_dir), out=str(out.parent))) == 0   # a directory
+    assert (out.parent / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="no stage directories"):
         report.run(report.ReportConfig(run_dir=str(tmp_path / "empty")))
