@@ -200,8 +200,11 @@ def export_command(config: ExportConfig) -> int:
     except ValueError as exc:
         raise UsageError(f"--model {config.model}: transformers has no sequence classifier for this "
                          f"architecture: {exc}") from None
+    head, bias = getattr(classifier, "score", None), reward.score_head.bias
+    if not isinstance(head, torch.nn.Linear) or head.weight.shape != reward.score_head.weight.shape:
+        raise UsageError(f"--model {config.model}: {type(classifier).__name__} has no one-label linear `score` "
+                         "head to take the reward model's")
     classifier.base_model.load_state_dict(lm.base_model.state_dict())
-    head, bias = classifier.score, reward.score_head.bias
     with torch.no_grad():
         head.weight.copy_(reward.score_head.weight)
         if getattr(head, "bias", None) is not None:
