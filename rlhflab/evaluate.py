@@ -246,9 +246,14 @@ def run(config: EvalConfig) -> int:
 
     from rlhflab.models.loading import _check_source
 
+    from rlhflab.stages.rm_model import is_sequence_classifier
+
     models = named_models(config.model)
     for path in models.values():   # every path, before any model runs
         _check_source(path, "--model")
+        if (Path(path) / "reward_config.json").is_file() or is_sequence_classifier(path):
+            raise UsageError(f"--model {path}: a reward model, which scores answers but does not write them; "
+                             "give it as --judge rm:DIR")
     if config.judge and not Path(config.judge[3:]).is_dir():
         raise UsageError(f"--judge {config.judge}: no such directory")
     if config.reference:   # a KL between two vocabularies compares unrelated token ids

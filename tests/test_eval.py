@@ -100,3 +100,9 @@ def test_eval_out_under_a_file_is_refused_before_generating(tiny_model, tmp_path
     result = cli("eval", "--model", tiny_model("llama"), "--prompts", SAMPLES / "prompts.jsonl",
                  "--max-rows", 1, "--max-new-tokens", 2, "--out", tmp_path / "afile" / "x.json")
     assert result.returncode == 2 and "a file stands where" in result.stderr and "eval:" not in result.stdout
+
+
+def test_eval_refuses_a_reward_model_as_a_policy(sft_and_rm, tmp_path, cli):
+    _, rm = sft_and_rm
+    result = cli("eval", "--model", rm, "--prompts", SAMPLES / "prompts.jsonl", "--max-rows", 1)
+    assert result.returncode == 2 and "give it as --judge rm:DIR" in result.stderr, result.stderr
