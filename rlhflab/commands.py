@@ -7,11 +7,6 @@ from pathlib import Path
 from rlhflab.errors import UsageError
 
 
-def _not_a_file(out: str) -> None:
-    if Path(out).exists() and not Path(out).is_dir():
-        raise UsageError(f"--out {out}: a file; expected a directory to write into")
-
-
 def tokenizer_train(config) -> int:
     """`rlhflab tokenizer train --corpus a.txt[,b.jsonl] --vocab-size N --out DIR`."""
     from rlhflab.data.formats import iter_raw_rows
@@ -19,7 +14,9 @@ def tokenizer_train(config) -> int:
 
     if not config.corpus or not config.out:
         raise UsageError("give --corpus (text files) and --out (the tokenizer directory)")
-    _not_a_file(config.out)
+    from rlhflab.runs import refuse_a_file
+
+    refuse_a_file(config.out)
     if config.vocab_size < 300:
         raise UsageError(f"--vocab-size: at least 300 (256 bytes + special tokens + merges), got {config.vocab_size}")
     texts = []
@@ -44,7 +41,9 @@ def world_export(config) -> int:
 
     if not config.out:
         raise UsageError("give --out (the directory to write the world's files into)")
-    _not_a_file(config.out)
+    from rlhflab.runs import refuse_a_file
+
+    refuse_a_file(config.out)
     if not 0.0 <= config.habit_rate <= 1.0:
         raise UsageError(f"--habit-rate must be between 0 and 1, got {config.habit_rate}")
     result = export(config.out, seed=config.seed, size=config.size, habit_rate=config.habit_rate)

@@ -244,8 +244,7 @@ def run(config: EvalConfig) -> int:
     from rlhflab.commands import load_prompts
     from rlhflab.runs import atomic_write_json
 
-    from rlhflab.models.loading import _check_source
-
+    from rlhflab.models.loading import _check_source, load_tokenizer
     from rlhflab.stages.rm_model import is_sequence_classifier
 
     models = named_models(config.model)
@@ -257,8 +256,6 @@ def run(config: EvalConfig) -> int:
     if config.judge and not Path(config.judge[3:]).is_dir():
         raise UsageError(f"--judge {config.judge}: no such directory")
     if config.reference:   # a KL between two vocabularies compares unrelated token ids
-        from rlhflab.models.loading import load_tokenizer
-
         vocab = load_tokenizer(config.reference, config.trust_remote_code, option="--reference").get_vocab()
         for name, path in models.items():
             if load_tokenizer(path, config.trust_remote_code, option="--model").get_vocab() != vocab:

@@ -67,6 +67,14 @@ def atomic_write_jsonl(path: str | Path, rows) -> None:
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def refuse_a_file(out: str | Path) -> None:
+    """An --out that must be a directory and is a file is an error (before anything is written)."""
+    from rlhflab.errors import UsageError
+
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out}: a file; expected a directory to write into")
+
+
 def check_output_directory(out: str | Path, source: str | Path, marker: str) -> Path:
     """`out` as a directory a command may (re)write: new, empty, or an earlier output of the same
     command (one holding `marker`); never the `source` it is made from, nor anything around it, nor
@@ -77,8 +85,7 @@ def check_output_directory(out: str | Path, source: str | Path, marker: str) -> 
     here, there = out.resolve(), Path(source).resolve()
     if here == there or there in here.parents or here in there.parents:
         raise UsageError(f"--out {out}: would overwrite {source}, which it is made from; choose another directory")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: a file; expected a directory to write")
+    refuse_a_file(out)
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
         raise UsageError(f"--out {out}: a directory with other files in it; choose a new or empty directory")
     return out

@@ -202,7 +202,7 @@ class Alarm:
 @torch.no_grad()
 def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, moments,
             text_reward=None) -> tuple[Rollout, dict, list[str]]:
-    from rlhflab.data.template import encode_prompt, stop_token_ids, turn_end_ids
+    from rlhflab.data.template import encode_prompt, stop_token_ids
     from rlhflab.engine import SamplingParams, generate
     from rlhflab.stages.rl_roles import active_adapter
 
@@ -219,9 +219,9 @@ def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, mome
     # The scoring passes go in mini-batches: one pass over every rollout at once would hold
     # B x T x V logits at a time. The entropy monitor is read here, without grad, so the update
     # only pays for it when it is a loss term.
-    def passes(fn):
-        parts = [fn(input_ids[i:i + config.mini_batch], attention_mask[i:i + config.mini_batch])
-                 for i in range(0, input_ids.shape[0], config.mini_batch)]
+    def passes(fn, ids=input_ids, am=attention_mask):
+        parts = [fn(ids[i:i + config.mini_batch], am[i:i + config.mini_batch])
+                 for i in range(0, ids.shape[0], config.mini_batch)]
         return [torch.cat(p) for p in zip(*parts)] if isinstance(parts[0], tuple) else torch.cat(parts)
 
     shared = config.estimator == "gae" and roles.shared_critic
@@ -232,14 +232,11 @@ def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, mome
         old_logprobs, entropy = passes(
             lambda ids, am: roles.logprobs("policy", ids, am, prompt_len, with_entropy=True, group=roles.pack_group))
     ref_logprobs = passes(lambda ids, am: roles.logprobs("reference", ids, am, prompt_len, group=roles.pack_group)[0])
-    # A reward model reads where it was trained to: after the template's end of turn.
-    rendered = gen.rendered(turn_end_ids(tokenizer), stop_token_ids(tokenizer), tokenizer.pad_token_id)
+    rendered = as_rendered(gen, tokenizer)
     if text_reward is not None:
         raw_scores = torch.tensor(text_reward(records, gen.texts), device=mask.device)
     else:
-        ids, am, size = *rendered, config.mini_batch
-        raw_scores = torch.cat([roles.scores(ids[i:i + size], am[i:i + size])
-                                for i in range(0, len(records), size)]).float()                          # (B,)
+        raw_scores = passes(roles.scores, *rendered).float()                                       # (B,)
     scores = raw_scores - config.missing_eos_penalty * (~gen.finished).float()
     if not torch.isfinite(scores).all():
         raise FloatingPointError("non-finite reward")
@@ -382,7 +379,7 @@ def probe_records(records, world: bool) -> list:
 @torch.no_grad()
 def write_probes(path: Path, roles, tokenizer, probes, config: RLConfig, step: int, gold: GoldSignal,
                  text_reward=None) -> None:
-    from rlhflab.data.template import encode_prompt, stop_token_ids, turn_end_ids
+    from rlhflab.data.template import encode_prompt, stop_token_ids
     from rlhflab.engine import SamplingParams, generate
     from rlhflab.stages.rl_roles import active_adapter
 
@@ -391,13 +388,21 @@ def write_probes(path: Path, roles, tokenizer, probes, config: RLConfig, step: i
     with active_adapter(roles.lm, "default") if roles.lora else contextlib.nullcontext():
         gen = generate(roles.lm, tokenizer, [encode_prompt(tokenizer, r.messages) for r in probes], params, step=step)
     scores = text_reward(probes, gen.texts) if text_reward is not None else \
-        roles.scores(*gen.rendered(turn_end_ids(tokenizer), stop_token_ids(tokenizer), tokenizer.pad_token_id)).tolist()
+        roles.scores(*as_rendered(gen, tokenizer)).tolist()
     with path.open("a", encoding="utf-8") as handle:
         for record, text, score in zip(probes, gen.texts, scores):
             row = {"step": step, "prompt": record.messages[-1]["content"], "response": text, "reward": round(score, 4)}
             if gold.world:
                 row["gold"] = round(gold.judge(record.messages, text, record.meta).score, 4)
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def as_rendered(gen, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rollouts as a reward model reads them: where it was trained to, after the chat template's
+    end-of-turn tokens (engine.Generation.rendered)."""
+    from rlhflab.data.template import stop_token_ids, turn_end_ids
+
+    return gen.rendered(turn_end_ids(tokenizer), stop_token_ids(tokenizer), tokenizer.pad_token_id)
 
 
 def gold_signal(records, config: RLConfig, placement, tokenizer) -> GoldSignal:
@@ -468,13 +473,12 @@ def run(config: RLConfig) -> dict:
     setup = common.prepare_stage(config)
     roles, tokenizer, info = load_roles(config, setup.placement)
     reward_from_text = text_reward(config, setup.placement, tokenizer)
-    groups_fit = config.mini_batch % config.n_samples == 0
-    if config.share_prompt and config.estimator != "gae" and config.n_samples > 1 and not groups_fit:
-        print(f"note: --mini-batch {config.mini_batch} is not a multiple of --n-samples {config.n_samples}, so a "
-              "prompt's samples can fall in different mini-batches: each runs with its own copy of the prompt",
-              file=sys.stderr)
-    if config.share_prompt and config.estimator != "gae" and config.n_samples > 1 and groups_fit:
-        if roles.packing_matches(len(tokenizer)):
+    if config.share_prompt and config.estimator != "gae" and config.n_samples > 1:
+        if config.mini_batch % config.n_samples:
+            print(f"note: --mini-batch {config.mini_batch} is not a multiple of --n-samples {config.n_samples}, so a "
+                  "prompt's samples can fall in different mini-batches: each runs with its own copy of the prompt",
+                  file=sys.stderr)
+        elif roles.packing_matches(len(tokenizer)):
             roles.pack_group = config.n_samples
         else:
             print("note: this model does not give packed rows the log-probs of single ones (4D attention mask); "
