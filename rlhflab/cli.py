@@ -77,8 +77,9 @@ def build_parser(command: str, config_cls) -> argparse.ArgumentParser:
     return parser
 
 
-def parse(command: str, argv: list[str]):
-    """Parse a stage's options into its config; UsageError on anything unknown or invalid."""
+def parse(command: str, argv: list[str], where: str = "on the command line"):
+    """Parse a stage's options into its config; UsageError on anything unknown or invalid.
+    `where` says in errors where the options were given."""
     config_cls = _load(COMMANDS[command][0])
     parser = build_parser(command, config_cls)
     known, unknown = parser.parse_known_args(argv)
@@ -97,7 +98,7 @@ def parse(command: str, argv: list[str]):
             cli_values[f.name] = ",".join(values) if f.metadata.get("repeatable") else values[-1]
     yaml_path = cli_values.pop("config", None)
     yaml_values = cfg.load_yaml(yaml_path) if yaml_path else {}
-    return cfg.build(config_cls, yaml_values, cli_values, yaml_path)
+    return cfg.build(config_cls, yaml_values, cli_values, yaml_path, where)
 
 
 def usage() -> str:

@@ -211,7 +211,8 @@ def load_yaml(path: str, option: str = "--config") -> dict:
     return data
 
 
-def build(cls, yaml_values: dict, cli_values: dict, yaml_path: str | None = None):
+def build(cls, yaml_values: dict, cli_values: dict, yaml_path: str | None = None,
+          where: str = "on the command line"):
     """Defaults < YAML < CLI, converted and validated."""
     names = [f.name for f in fields_of(cls)]
     values = {}
@@ -224,7 +225,7 @@ def build(cls, yaml_values: dict, cli_values: dict, yaml_path: str | None = None
             )
         values[name] = convert(cls, name, value, f"in {yaml_path}")
     for name, value in cli_values.items():
-        values[name] = convert(cls, name, value, "on the command line")
+        values[name] = convert(cls, name, value, where)
     config = cls(**values)
     validate(config)
     return config

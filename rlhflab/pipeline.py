@@ -103,7 +103,7 @@ def load_pipeline(path: str) -> list[Stage]:
         if trains and "resume" not in options:
             argv += ["--resume", "auto"]
         try:
-            options = cfg.to_dict(parse(command, argv))
+            options = cfg.to_dict(parse(command, argv, "in the pipeline"))
         except UsageError as exc:
             raise UsageError(f"{where} ({name}): {exc}") from None
         dirs[name] = out

@@ -38,6 +38,7 @@ def test_each_worked_config_validates_without_running(path, capsys):
     ("stages:\n  - command: rm\n    options: {model: '{sft}', data: x.jsonl}", "{sft} names no earlier stage"),
     ("stages:\n  - command: sft\n  - command: sft", "a stage called 'sft' exists already"),
     ("outt: x\nstages: []", "unknown key 'outt'"),
+    ("stages:\n  - command: sft\n    options: {lr: fast}", "stage 1 (sft): --lr (in the pipeline): expected float"),
 ])
 def test_bad_pipelines_are_named(body, message, tmp_path):
     path = tmp_path / "p.yaml"
