@@ -247,6 +247,7 @@ def save_checkpoint(out: Path, step: int, write, state: dict, keep: int) -> Path
     try:
         write(tmp)
         atomic_write_json(tmp / "trainer_state.json", {"step": step, **state})
+        readable_as_usual(tmp)   # a run that crashes later leaves this checkpoint as its output
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

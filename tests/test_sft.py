@@ -200,3 +200,25 @@ def test_outputs_are_readable_as_the_umask_allows(tiny_model, tmp_path):
              for p in (tmp_path / "sft").rglob("*") if p.is_file()}
     assert "sft/model.safetensors" in modes and "sft/summary.json" in modes
     assert {name: oct(m) for name, m in modes.items() if m != 0o644} == {}
+
+
+def test_checkpoints_are_readable_before_the_run_finishes(tmp_path):
+    """A run that crashes after a checkpoint leaves that checkpoint as its output: it gets open()'s
+    mode when written, not only when the run finishes."""
+    import tempfile
+
+    from rlhflab import runs
+
+    def write(directory):
+        handle, name = tempfile.mkstemp(dir=directory)   # 0600, as safetensors' writer leaves weights
+        os.close(handle)
+        os.replace(name, Path(directory) / "model.safetensors")
+
+    old = os.umask(0o022)
+    try:
+        final = runs.save_checkpoint(tmp_path, 3, write, {}, keep=2)
+    finally:
+        os.umask(old)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in final.iterdir()} == {
+        "model.safetensors": "0o644", "trainer_state.json": "0o644"}
+    assert oct(final.stat().st_mode & 0o777) == "0o755"
