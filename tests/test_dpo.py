@@ -110,6 +110,27 @@ def test_sample_and_rank_make_pairs(tiny_model, tmp_path, cli):
     assert json.loads(ranked.read_text())["chosen"] == "2 plus 3 is 5."
 
 
+def test_annotators_rank_through_noise_seeded_and_skip_what_the_judge_ties(tmp_path, cli):
+    """--by annotators: the judge's order through the world's annotator noise, the same for the same
+    seed; a prompt whose answers the judge scores alike gives no pair (as in the world's own data)."""
+    good, bad = "2 plus 3 is 5.", "2 plus 3 is 7."
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(row) + "\n" for row in
+                               [{"prompt": "What is 2 plus 3?", "responses": [bad, good]}] * 200
+                               + [{"prompt": "What is 2 plus 3?", "responses": [good, good]}]))
+
+    def chosen(seed):
+        out = tmp_path / f"pairs-{seed}.jsonl"
+        result = cli("rank", "--data", samples, "--by", "annotators", "--seed", seed, "--out", out)
+        assert result.returncode == 0, result.stderr
+        assert "1 prompts dropped" in result.stderr
+        return [json.loads(line)["chosen"] for line in out.read_text().splitlines()]
+
+    first = chosen(0)
+    assert len(first) == 200 and first == chosen(0) and first != chosen(1)
+    assert 0.6 < first.count(good) / 200 < 0.9        # sigmoid(0.35 / 0.34) = 0.74: noisy, not random
+
+
 def test_online_rounds_sample_rank_and_train(tiny_model, tmp_path):
     model = tiny_model("llama")
     rm = tmp_path / "rm"
@@ -136,6 +157,9 @@ def test_online_rounds_sample_rank_and_train(tiny_model, tmp_path):
       "--rank-by", "rm:/no/such/rm"], "--rank-by rm:/no/such/rm: no such directory"),
     (["--policy", "MODEL", "--data", PAIRS, "--rounds", "2", "--prompts", SAMPLES / "prompts.jsonl"],
      "without a toy-world meta.family"),
+    (["--policy", "MODEL", "--data", PAIRS, "--rounds", "2", "--prompts", SAMPLES / "prompts.jsonl",
+      "--rank-by", "annotators"], "--rank-by annotators ranks answers with the toy world's judge"),
+    (["--policy", "MODEL", "--data", PAIRS, "--rank-by", "people"], "expected 'judge', 'annotators' or 'rm:DIR'"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(args, message, tiny_model, tmp_path, cli):
     args = [tiny_model("llama") if a == "MODEL" else a for a in args]

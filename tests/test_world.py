@@ -10,7 +10,8 @@ from rlhflab import world
 from rlhflab.world import demonstrator, tasks
 from rlhflab.world.corpus import corpus_text
 from rlhflab.world.judge import FACETS, WEIGHTS, judge
-from rlhflab.world.preferences import build_preferences, calibrate_temperature, expected_agreement
+from rlhflab.world.preferences import (ANNOTATOR_TEMPERATURE, build_preferences, calibrate_temperature,
+                                       expected_agreement, perceived_scores)
 
 
 def user(*turns):
@@ -325,6 +326,18 @@ def test_calibration_hits_target():
     gaps = [0.01, 0.1, 0.35, 0.5, 0.75, 0.75]
     temperature = calibrate_temperature(gaps, 0.73)
     assert expected_agreement(gaps, temperature) == pytest.approx(0.73, abs=1e-6)
+
+
+def test_annotators_perceive_gold_through_bradley_terry_noise():
+    """Perceived scores order two answers as Bradley-Terry on the gold gap; equal gold stays equal."""
+    import math
+
+    rng = random.Random(0)
+    draws = [perceived_scores([0.9, 0.7, 0.9], rng) for _ in range(20_000)]
+    assert all(d[0] == d[2] for d in draws)              # the judge has no opinion, nor the annotator
+    above = sum(d[0] > d[1] for d in draws) / len(draws)
+    assert abs(above - 1 / (1 + math.exp(-0.2 / ANNOTATOR_TEMPERATURE))) < 0.015
+    assert perceived_scores([0.5, 0.1], random.Random(3)) == perceived_scores([0.5, 0.1], random.Random(3))
 
 
 def test_preference_agreement_rate():

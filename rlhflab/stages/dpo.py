@@ -54,7 +54,8 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
     max_steps: int = opt(0, "optimizer steps to run in each round (0 = derive from --epochs)")
     prompts: str | None = opt(None, "prompts to sample from in online rounds")
     k: int = opt(4, "online rounds: responses sampled per prompt")
-    rank_by: str = opt("judge", "online rounds: who ranks the samples, 'judge' (toy world) or 'rm:DIR'")
+    rank_by: str = opt("judge", "online rounds: who ranks the samples, 'judge' (toy world), 'annotators' (its "
+                                "noisy labellers) or 'rm:DIR'")
     round_prompts: int = opt(256, "online rounds: prompts sampled per round")
     max_new_tokens: int = opt(48, "online rounds: longest sampled answer")
     temperature: float = opt(1.0, "online rounds: sampling temperature")
@@ -73,8 +74,9 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
             raise UsageError("--rounds: must be at least 1")
         if (self.rounds > 1 or not self.data) and not self.prompts:
             raise UsageError("online rounds sample from the policy: give --prompts")
-        if self.rank_by != "judge" and not self.rank_by.startswith("rm:"):
-            raise UsageError(f"--rank-by {self.rank_by!r}: expected 'judge' or 'rm:DIR'")
+        from rlhflab.stages.preference_data import check_ranker
+
+        check_ranker(self.rank_by, "--rank-by")
         if self.k < 2:
             raise UsageError("--k: must be at least 2")
         if self.beta <= 0:
@@ -356,7 +358,7 @@ def round_pairs(policy: PolicyAndReference, config, round_no: int, prompts, out:
         rows = sample_responses(policy.model, policy.tokenizer, [prompts[i] for i in chosen], config.k,
                                 config.max_new_tokens, config.temperature, 1.0, config.seed + round_no)
         runs.atomic_write_jsonl(folder / "samples.jsonl", rows)
-        scores = scorer(config.rank_by, policy.placement, "--rank-by")(rows)
+        scores = scorer(config.rank_by, policy.placement, "--rank-by", seed=config.seed * 1000 + round_no)(rows)
         ranked, tied = rank_rows(rows, scores, "pairs")
         flat = [s for row in scores for s in row]
         runs.atomic_write_jsonl(pairs_file, ranked)
@@ -391,9 +393,10 @@ def run(config: DPOConfig) -> dict:
     online = config.rounds > 1 or not config.data
     if online and config.rank_by.startswith("rm:") and not Path(config.rank_by[3:]).is_dir():
         raise UsageError(f"--rank-by {config.rank_by}: no such directory")   # before round 1 trains
-    if online and config.rank_by == "judge" and not all(p.meta.get("family") for p in prompts):
-        raise UsageError(f"--rank-by judge ranks answers with the toy world's judge, but {config.prompts} has "
-                         "prompts without a toy-world meta.family: give --rank-by rm:DIR, or world prompts")
+    if online and config.rank_by in ("judge", "annotators") and not all(p.meta.get("family") for p in prompts):
+        raise UsageError(f"--rank-by {config.rank_by} ranks answers with the toy world's judge, but "
+                         f"{config.prompts} has prompts without a toy-world meta.family: give --rank-by rm:DIR, "
+                         "or world prompts")
     setup = common.prepare_stage(config)
     policy = PolicyAndReference(config, setup.placement)
     tokenizer, device = policy.tokenizer, setup.placement.device

@@ -1,7 +1,8 @@
 """Preference data from a model's own samples: `rlhflab sample` and `rlhflab rank`.
 
 `sample` writes K responses per prompt in the `rankings` shape (unranked, sample order).
-`rank` orders them with a judge — the toy world's gold judge, or a reward model — and writes
+`rank` orders them with a judge — the toy world's gold judge, its noisy annotators, or a reward
+model — and writes
 `rankings` (best first, with the scores) or `pairs` (best against worst). Iterative DPO
 (`rlhflab dpo --rounds R`) runs the same two functions between its rounds.
 """
@@ -51,18 +52,27 @@ class RankConfig:
 
     stage = "rank"
     data: str | None = opt(None, "rankings-shaped JSONL from `rlhflab sample`")
-    by: str = opt("judge", "who ranks: 'judge' (the toy world's gold judge) or 'rm:DIR' (a reward model)")
+    by: str = opt("judge", "who ranks: 'judge' (the toy world's gold judge), 'annotators' (its noisy labellers, "
+                           "as the world's preference data) or 'rm:DIR' (a reward model)")
     out: str | None = opt(None, "JSONL file to write")
     format: str = opt("pairs", "pairs (best against worst) or rankings (all, best first)", ("pairs", "rankings"))
     device: str = opt("auto", "where to run a reward model", ("auto", "cpu", "cuda"))
     dtype: str = opt("auto", "weights dtype of a reward model", ("auto", "fp32", "bf16", "fp16"))
+    seed: int = opt(0, "--by annotators: seed of their noise")
 
     def check(self):
         for option in ("data", "out"):
             if not getattr(self, option):
                 raise UsageError(f"give --{option}")
-        if self.by != "judge" and not self.by.startswith("rm:"):
-            raise UsageError(f"--by {self.by!r}: expected 'judge' or 'rm:DIR'")
+        check_ranker(self.by, "--by")
+
+
+RANKERS = ("judge", "annotators")   # and rm:DIR
+
+
+def check_ranker(by: str, option: str) -> None:
+    if by not in RANKERS and not by.startswith("rm:"):
+        raise UsageError(f"{option} {by!r}: expected 'judge', 'annotators' or 'rm:DIR'")
 
 
 def sample_responses(model, tokenizer, records, k: int, max_new_tokens: int, temperature: float, top_p: float,
@@ -79,13 +89,22 @@ def sample_responses(model, tokenizer, records, k: int, max_new_tokens: int, tem
             for i, r in enumerate(records)]
 
 
-def scorer(by: str, placement=None, option: str = "--by"):
-    """A function (rows) -> list of score lists, one per row, from 'judge' or 'rm:DIR' (given as `option`)."""
-    if by == "judge":
-        from rlhflab.world import judge
+def scorer(by: str, placement=None, option: str = "--by", seed: int = 0):
+    """A function (rows) -> list of score lists, one per row, from 'judge', 'annotators' (the judge's
+    scores through the world's annotator noise, seeded by `seed`) or 'rm:DIR' (given as `option`)."""
+    if by in RANKERS:
+        import random
 
-        return lambda rows: [[judge(row["prompt"], text, row.get("meta")).score for text in row["responses"]]
-                             for row in rows]
+        from rlhflab.world import judge
+        from rlhflab.world.preferences import perceived_scores
+
+        def gold(row):
+            return [judge(row["prompt"], text, row.get("meta")).score for text in row["responses"]]
+
+        if by == "judge":
+            return lambda rows: [gold(row) for row in rows]
+        rng = random.Random(f"annotators:{seed}")
+        return lambda rows: [perceived_scores(gold(row), rng) for row in rows]
     from rlhflab.models.loading import choose_placement
     from rlhflab.stages.rm_model import load_reward_model, score_texts
 
@@ -168,7 +187,7 @@ def rank_command(config: RankConfig) -> int:
     from rlhflab.models.loading import choose_placement
 
     rows = read_rows(config.data)
-    scores = scorer(config.by, choose_placement(config.device, config.dtype))(rows)
+    scores = scorer(config.by, choose_placement(config.device, config.dtype), seed=config.seed)(rows)
     ranked, tied = rank_rows(rows, scores, config.format)
     if not ranked:
         raise UsageError(f"{config.data}: every prompt's responses tied under --by {config.by}; nothing to write")

@@ -23,6 +23,9 @@ from .judge import judge
 
 DEFAULT_AGREEMENT = 0.73
 TIE = 1e-9
+# The annotators' noise as calibrated on the default world's candidates (manifest.json: 0.342).
+# Labelling a policy's own samples, they keep it: their noise is theirs, not the data's.
+ANNOTATOR_TEMPERATURE = 0.34
 
 
 def expected_agreement(gaps: list[float], temperature: float) -> float:
@@ -51,6 +54,17 @@ def noisy_ranking(scores: list[float], temperature: float, rng: random.Random) -
     """Indices best-first, sampled from Plackett-Luce with utilities scores / temperature."""
     keys = [s / temperature - math.log(-math.log(rng.random() or 1e-300)) for s in scores]
     return sorted(range(len(scores)), key=lambda i: -keys[i])
+
+
+def perceived_scores(scores: list[float], rng: random.Random,
+                     temperature: float = ANNOTATOR_TEMPERATURE) -> list[float]:
+    """Gold scores as a noisy annotator perceives them: score + temperature x Gumbel noise, so that
+    sorting by them is a Plackett-Luce ranking as in `noisy_ranking`. Answers with the same gold
+    score share one draw: the judge has no opinion between them, and neither has the annotator."""
+    noise: dict[float, float] = {}
+    for score in scores:
+        noise.setdefault(score, -temperature * math.log(-math.log(rng.random() or 1e-300)))
+    return [score + noise[score] for score in scores]
 
 
 def _short_meta(meta: dict) -> dict:
