@@ -337,6 +337,7 @@ def test_annotators_perceive_gold_through_bradley_terry_noise():
     assert all(d[0] == d[2] for d in draws)              # the judge has no opinion, nor the annotator
     above = sum(d[0] > d[1] for d in draws) / len(draws)
     assert abs(above - 1 / (1 + math.exp(-0.2 / ANNOTATOR_TEMPERATURE))) < 0.015
+    assert abs(sum(d[1] for d in draws) / len(draws) - 0.7) < 0.01      # centred noise
     assert perceived_scores([0.5, 0.1], random.Random(3)) == perceived_scores([0.5, 0.1], random.Random(3))
 
 

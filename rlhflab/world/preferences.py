@@ -59,11 +59,13 @@ def noisy_ranking(scores: list[float], temperature: float, rng: random.Random) -
 def perceived_scores(scores: list[float], rng: random.Random,
                      temperature: float = ANNOTATOR_TEMPERATURE) -> list[float]:
     """Gold scores as a noisy annotator perceives them: score + temperature x Gumbel noise, so that
-    sorting by them is a Plackett-Luce ranking as in `noisy_ranking`. Answers with the same gold
-    score share one draw: the judge has no opinion between them, and neither has the annotator."""
+    sorting by them is a Plackett-Luce ranking as in `noisy_ranking` (the noise is centred, so their
+    mean estimates the gold mean). Answers with the same gold score share one draw: the judge has
+    no opinion between them, and neither has the annotator."""
+    euler_gamma = 0.5772156649015329   # the mean of a standard Gumbel draw
     noise: dict[float, float] = {}
     for score in scores:
-        noise.setdefault(score, -temperature * math.log(-math.log(rng.random() or 1e-300)))
+        noise.setdefault(score, -temperature * (math.log(-math.log(rng.random() or 1e-300)) + euler_gamma))
     return [score + noise[score] for score in scores]
 
 
