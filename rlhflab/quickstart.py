@@ -41,7 +41,7 @@ PRESETS = {
     "tiny": dict(world="small", vocab=600, model="tiny", block=64, pretrain_steps=30, sft_steps=30,
                  rm_steps=10, rm_batch=4, ppo_steps=2, dpo_steps=10, eval_prompts=24, best_of=2),
     "default": dict(world="default", vocab=2048, model="tiny", block=128, pretrain_steps=1000, sft_steps=600,
-                    rm_steps=300, rm_batch=8, ppo_steps=40, dpo_steps=150, eval_prompts=200, best_of=8),
+                    rm_steps=300, rm_batch=8, ppo_steps=40, dpo_steps=600, eval_prompts=200, best_of=8),
 }
 
 

@@ -1,20 +1,9 @@
 #!/bin/bash
 mkdir -p ${OUT:-runs/variants}
-# DPO variants on the quickstart SFT model: same data, steps, LoRA; gold score on 200 held-out prompts.
+# GRPO and a reward model without --harden, on a quickstart run (QS); the DPO table is bench/dpo_table.sh.
 QS=${QS:-runs/quickstart}
 RL=${RL:-.venv/bin/rlhflab}
 export OMP_NUM_THREADS=1
-for spec in "dpo 0.1 5e-4" "ipo 0.1 5e-4" "cdpo 0.1 5e-4" "simpo 2.0 5e-4" "rpo 0.1 5e-4"; do
-  set -- $spec
-  out=${OUT:-runs/variants}/$1
-  [ -f $out/summary.json ] || $RL dpo --policy $QS/sft --lora --lora-r 32 --lora-alpha 64 --data $QS/world/prefs.jsonl --out $out --loss $1 --beta $2 --lr $3 --max-steps 150 --batch-size 8 --progress false --log-every 25 > $out.log 2>&1
-  $RL judge --model $out --prompts $QS/world/eval_prompts.jsonl 2>/dev/null | grep -E "^score" | sed "s/^/$1 /"
-  grep -o '"train_time_s": [0-9.]*' $out/summary.json
-done
-out=${OUT:-runs/variants}/online
-[ -f $out/summary.json ] || $RL dpo --policy $QS/sft --lora --lora-r 32 --lora-alpha 64 --data $QS/world/prefs.jsonl --prompts $QS/world/prompts.jsonl --rounds 2 --rank-by judge --round-prompts 256 --k 4 --out $out --loss rpo --lr 5e-4 --max-steps 75 --batch-size 8 --progress false --log-every 25 > $out.log 2>&1
-$RL judge --model $out --prompts $QS/world/eval_prompts.jsonl 2>/dev/null | grep -E "^score" | sed "s/^/online-rpo-2rounds /"
-grep -o '"train_time_s": [0-9.]*\|"wall_time_s": [0-9.]*' $out/summary.json
 # GRPO beside PPO: same prompts, 32 responses per step (8 prompts x 4), same steps and lr.
 out=${OUT:-runs/variants}/grpo
 [ -f $out/summary.json ] || $RL ppo --policy $QS/sft --reward $QS/rm --prompts $QS/world/prompts.jsonl --out $out --estimator grpo --n-samples 4 --rollout-prompts 8 --mini-batch 16 --max-steps 40 --lr 1e-4 --kl-coef 0.2 --log-every 1 --probe-every 0 --progress false > $out.log 2>&1
