@@ -2,9 +2,8 @@
 
 `sample` writes K responses per prompt in the `rankings` shape (unranked, sample order).
 `rank` orders them with a judge — the toy world's gold judge, its noisy annotators, or a reward
-model — and writes
-`rankings` (best first, with the scores) or `pairs` (best against worst). Iterative DPO
-(`rlhflab dpo --rounds R`) runs the same two functions between its rounds.
+model — and writes `rankings` (best first, with the scores) or `pairs` (best against worst).
+Iterative DPO (`rlhflab dpo --rounds R`) runs the same two functions between its rounds.
 """
 
 from __future__ import annotations
