@@ -129,6 +129,10 @@ def test_annotators_rank_through_noise_seeded_and_skip_what_the_judge_ties(tmp_p
     first = chosen(0)
     assert len(first) == 200 and first == chosen(0) and first != chosen(1)
     assert 0.6 < first.count(good) / 200 < 0.9        # sigmoid(0.35 / 0.34) = 0.74: noisy, not random
+    samples.write_text(json.dumps({"prompt": "Write a poem about rain.", "responses": ["Rain.", "Drops."]}) + "\n")
+    result = cli("rank", "--data", samples, "--by", "annotators", "--out", tmp_path / "poem.jsonl")
+    assert result.returncode == 2 and "knows no task in the prompt 'Write a poem" in result.stderr
+    assert not (tmp_path / "poem.jsonl").exists()
 
 
 def test_online_rounds_sample_rank_and_train(tiny_model, tmp_path):

@@ -98,7 +98,11 @@ def scorer(by: str, placement=None, option: str = "--by", seed: int = 0):
         from rlhflab.world.preferences import perceived_scores
 
         def gold(row):
-            return [judge(row["prompt"], text, row.get("meta")).score for text in row["responses"]]
+            judged = [judge(row["prompt"], text, row.get("meta")) for text in row["responses"]]
+            if judged[0].family is None:
+                raise UsageError(f"{option} {by}: the toy world's judge knows no task in the prompt "
+                                 f"{row['prompt'][-1]['content'][:60]!r}; rank such samples with rm:DIR")
+            return [j.score for j in judged]
 
         if by == "judge":
             return lambda rows: [gold(row) for row in rows]
