@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -158,7 +159,11 @@ def test_online_rounds_sample_rank_and_train(tiny_model, tmp_path):
     (["--policy", "MODEL", "--data", PAIRS, "--loss", "kto"], "--loss: 'kto' is not one of"),
     (["--policy", "/no/such/model", "--data", PAIRS], "--policy /no/such/model: no such directory"),
     (["--policy", "MODEL", "--data", PAIRS, "--rounds", "2", "--prompts", SAMPLES / "prompts.jsonl",
-      "--rank-by", "rm:/no/such/rm"], "--rank-by rm:/no/such/rm: no such directory"),
+      "--rank-by", "rm:/no/such/rm"], "--rank-by /no/such/rm: no such directory"),
+    (["--policy", "MODEL", "--data", PAIRS, "--rounds", "2", "--prompts", SAMPLES / "prompts.jsonl",
+      "--rank-by", "rm:MODEL"], "not a reward model (no score_head.safetensors"),
+    (["--policy", "MODEL", "--data", PAIRS, "--rounds", "2", "--prompts", SAMPLES / "prompts.jsonl",
+      "--round-prompts", "0"], "--round-prompts: must be at least 1"),
     (["--policy", "MODEL", "--data", PAIRS, "--rounds", "2", "--prompts", SAMPLES / "prompts.jsonl"],
      "without a toy-world meta.family"),
     (["--policy", "MODEL", "--data", PAIRS, "--rounds", "2", "--prompts", SAMPLES / "prompts.jsonl",
@@ -166,7 +171,7 @@ def test_online_rounds_sample_rank_and_train(tiny_model, tmp_path):
     (["--policy", "MODEL", "--data", PAIRS, "--rank-by", "people"], "expected 'judge', 'annotators' or 'rm:DIR'"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(args, message, tiny_model, tmp_path, cli):
-    args = [tiny_model("llama") if a == "MODEL" else a for a in args]
+    args = [a.replace("MODEL", str(tiny_model("llama"))) if isinstance(a, str) else a for a in args]
     out = tmp_path / "out"
     result = cli("dpo", *args, "--out", out)
     assert result.returncode == 2, result.stderr
@@ -192,3 +197,39 @@ def test_grad_accum_logs_the_whole_step(tiny_model, tmp_path):
     for key in ("loss", "rewards/accuracy", "rewards/margin", "logps/chosen"):
         assert logged["two"][key] == pytest.approx(logged["one"][key], abs=1e-4), key
 
+
+
+def test_online_rounds_are_reused_only_as_made(tiny_model, tmp_path, capsys):
+    """A failed round leaves no pairs behind; a resumed run reuses a round's files only when its
+    sampling options are the ones they were made with; a fresh start samples anew."""
+    from rlhflab.world import tasks
+
+    out, prompts = tmp_path / "online", tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in tasks.make_prompts("train", 4, seed=0)))
+
+    def run(*extra):
+        return main(["dpo", "--policy", str(tiny_model("llama")), "--data", str(PAIRS), "--out", str(out),
+                     "--rounds", "2", "--prompts", str(prompts), "--round-prompts", "4",
+                     "--k", "2", "--max-new-tokens", "6", "--max-steps", "1", "--rank-by", "judge",
+                     "--progress", "false", *extra])
+
+    assert run("--temperature", "0") == 2             # greedy: two identical answers per prompt
+    assert "every prompt's samples tied" in capsys.readouterr().err
+    assert not (out / "round-2" / "pairs.jsonl").exists()
+    assert run("--save-every", "1") == 0
+    made = json.loads((out / "round-2" / "round.json").read_text())
+    assert made["options"]["temperature"] == 1.0 and made["options"]["rank_by"] == "judge"
+
+    def resume_in_round_one(*extra):   # from the checkpoint before round 2 sampled
+        for later in (out / "checkpoints").glob("step-[2-9]*"):
+            shutil.rmtree(later)
+        (out / "summary.json").unlink()
+        capsys.readouterr()
+        assert run("--save-every", "1", "--resume", "auto", *extra) == 0
+        return capsys.readouterr().err
+
+    assert "sampling" not in resume_in_round_one()     # the same options: round 2's files are reused
+    assert "round 2's samples were made with other --rank-by; sampling again" in resume_in_round_one(
+        "--rank-by", "annotators")
+    assert json.loads((out / "round-2" / "round.json").read_text())["options"]["rank_by"] == "annotators"
+    assert run("--rank-by", "annotators") == 0 and "sampling" in capsys.readouterr().err   # fresh: anew

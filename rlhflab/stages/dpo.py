@@ -19,6 +19,7 @@ Dimensions: B pairs per micro-batch; the forward batch is 2B rows, chosen first.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -79,6 +80,8 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
         check_ranker(self.rank_by, "--rank-by")
         if self.k < 2:
             raise UsageError("--k: must be at least 2")
+        if self.round_prompts < 1:
+            raise UsageError(f"--round-prompts: must be at least 1, got {self.round_prompts}")
         if self.beta <= 0:
             raise UsageError("--beta: must be positive")
 
@@ -344,37 +347,50 @@ def evaluate(model, pairs, ref, config, pad_id, device, packed: bool = False) ->
 # Online rounds.
 
 
+ROUND_OPTIONS = ("rank_by", "k", "round_prompts", "max_new_tokens", "temperature", "seed")
+
+
 def round_pairs(policy: PolicyAndReference, config, round_no: int, prompts, out: Path) -> tuple[list, dict]:
-    """Sample from the current policy, rank, and return pair records; files are reused on resume."""
+    """Sample from the current policy, rank, and return pair records. A resumed run reuses the
+    round's files when they were made with the same options (the policy that sampled them is gone)."""
+    import json
+
     from rlhflab.data.formats import Record
     from rlhflab.stages.preference_data import rank_rows, sample_responses, scorer
 
     folder = out / f"round-{round_no}"
-    pairs_file = folder / "pairs.jsonl"
+    pairs_file, info_file = folder / "pairs.jsonl", folder / "round.json"
+    recipe = {name: getattr(config, name) for name in ROUND_OPTIONS}
+    if pairs_file.is_file() and info_file.is_file():
+        made_with = json.loads(info_file.read_text(encoding="utf-8")).get("options")
+        if made_with != recipe:
+            changed = sorted(k for k in recipe if (made_with or {}).get(k) != recipe[k])
+            print(f"note: round {round_no}'s samples were made with other "
+                  f"{', '.join('--' + k.replace('_', '-') for k in changed)}; sampling again", file=sys.stderr)
+            pairs_file.unlink()
     if not pairs_file.is_file():
         rng = torch.Generator().manual_seed(config.seed * 1000 + round_no)
         chosen = torch.randperm(len(prompts), generator=rng)[: config.round_prompts].tolist()
         print(f"round {round_no}: sampling {config.k} answers for {len(chosen)} prompts", file=sys.stderr)
         rows = sample_responses(policy.model, policy.tokenizer, [prompts[i] for i in chosen], config.k,
                                 config.max_new_tokens, config.temperature, 1.0, config.seed + round_no)
-        runs.atomic_write_jsonl(folder / "samples.jsonl", rows)
         scores = scorer(config.rank_by, policy.placement, "--rank-by", seed=config.seed * 1000 + round_no)(rows)
         ranked, tied = rank_rows(rows, scores, "pairs")
+        if not ranked:   # nothing written: a run with other options must sample afresh
+            raise UsageError(f"round {round_no}: every prompt's samples tied under --rank-by {config.rank_by}; "
+                             "nothing to train on (raise --temperature or --k)")
         flat = [s for row in scores for s in row]
-        runs.atomic_write_jsonl(pairs_file, ranked)
-        runs.atomic_write_json(folder / "round.json", {
+        runs.atomic_write_jsonl(folder / "samples.jsonl", rows)
+        runs.atomic_write_json(info_file, {
             "round": round_no, "prompts": len(rows), "pairs": len(ranked), "tied_prompts": tied,
-            "mean_sample_score": sum(flat) / len(flat), "ranked_by": config.rank_by})
-    import json
-
-    info = json.loads((folder / "round.json").read_text(encoding="utf-8"))
+            "mean_sample_score": sum(flat) / len(flat), "ranked_by": config.rank_by, "options": recipe})
+        runs.atomic_write_jsonl(pairs_file, ranked)   # last: its presence means the round is complete
+    info = json.loads(info_file.read_text(encoding="utf-8"))
+    info.pop("options", None)
     records = []
     for line in pairs_file.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         records.append(Record(row["prompt"], [row["chosen"], row["rejected"]], meta=row.get("meta") or {}))
-    if not records:
-        raise UsageError(f"round {round_no}: every prompt's samples tied under --rank-by {config.rank_by}; "
-                         "nothing to train on (raise --temperature or --k)")
     return records, info
 
 
@@ -391,8 +407,10 @@ def run(config: DPOConfig) -> dict:
     if config.prompts:
         prompts, _ = load_records(config.prompts, "prompts", option="--prompts")
     online = config.rounds > 1 or not config.data
-    if online and config.rank_by.startswith("rm:") and not Path(config.rank_by[3:]).is_dir():
-        raise UsageError(f"--rank-by {config.rank_by}: no such directory")   # before round 1 trains
+    if online and config.rank_by.startswith("rm:"):   # before round 1 trains
+        from rlhflab.stages.rm_model import check_reward_model
+
+        check_reward_model(config.rank_by[3:], "--rank-by")
     if online and config.rank_by in ("judge", "annotators") and not all(p.meta.get("family") for p in prompts):
         raise UsageError(f"--rank-by {config.rank_by} ranks answers with the toy world's judge, but "
                          f"{config.prompts} has prompts without a toy-world meta.family: give --rank-by rm:DIR, "
@@ -411,6 +429,12 @@ def run(config: DPOConfig) -> dict:
     state = setup.state
     round_no = state.get("round", 1)
     untouched = setup.resume_from is None
+    if untouched:   # a fresh start: online rounds and reference caches of an earlier attempt are stale
+        for stale in [*setup.out.glob("round-*"), *setup.out.glob("ref_logps_*.safetensors")]:
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
 
     # Eval pairs and their reference log-probs (fixed for the whole run).
     eval_pairs, _ = encode_pairs(eval_records, tokenizer, config.max_length, config.pairs_from_rankings)

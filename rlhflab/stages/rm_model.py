@@ -119,6 +119,19 @@ def load_sequence_classifier(path: str, placement, trust_remote_code: bool = Fal
     return reward.to(placement.device).eval(), tokenizer
 
 
+def check_reward_model(path: str, option: str) -> None:
+    """Before any work is done: `path` holds a reward model, from `rlhflab rm` or a classifier."""
+    from rlhflab.errors import UsageError
+
+    if is_sequence_classifier(path):
+        return
+    if not path or not Path(path).is_dir():
+        raise UsageError(f"{option} {path or '(empty)'}: no such directory")
+    if not (Path(path) / "score_head.safetensors").is_file():
+        raise UsageError(f"{option} {path}: not a reward model (no score_head.safetensors from `rlhflab rm`, and "
+                         "not a Hugging Face *ForSequenceClassification)")
+
+
 def load_reward_model(path: str, placement, trust_remote_code: bool = False, option: str = "--model"):
     """A frozen reward model and its tokenizer: a directory written by `rlhflab rm`, or a Hugging
     Face sequence classifier with one label (SequenceClassifierReward)."""
