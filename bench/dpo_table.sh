@@ -34,17 +34,25 @@ options() {
 }
 
 variants=${*:-dpo ipo cdpo simpo rpo rpo-a0.3 online-annotators online-judge}
-if [ ! -f "$OUT/sft.score" ]; then
-  $RL judge --model "$QS/sft" --prompts "$EVAL" 2>/dev/null | awk '/^score/ {print $2}' > "$OUT/sft.score"
-fi
+for name in $variants; do options "$name" > /dev/null; done   # an unknown name stops before any work
+
+score() {   # score MODEL FILE: the gold score on $EVAL, written only when the judge succeeded
+  local text
+  text=$($RL judge --model "$1" --prompts "$EVAL" 2> "$2.err") || { cat "$2.err" >&2; exit 1; }
+  echo "$text" | awk '/^score/ {print $2}' > "$2.tmp" && [ -s "$2.tmp" ] && mv "$2.tmp" "$2" && rm -f "$2.err" \
+    || { echo "no score in the judge's output for $1" >&2; exit 1; }
+}
+
+[ -s "$OUT/sft.score" ] || score "$QS/sft" "$OUT/sft.score"
 echo "| variant | options | held-out gold | vs SFT $(cat "$OUT/sft.score") | training s | wall s |"
 echo "|---|---|---|---|---|---|"
 for name in $variants; do
   out=$OUT/$name
   opts=$(options "$name")
   # shellcheck disable=SC2086
-  [ -f "$out/summary.json" ] || $RL dpo "${common[@]}" $opts --out "$out" > "$out.log" 2>&1
-  [ -f "$out.score" ] || $RL judge --model "$out" --prompts "$EVAL" 2>/dev/null | awk '/^score/ {print $2}' > "$out.score"
+  [ -f "$out/summary.json" ] || $RL dpo "${common[@]}" $opts --out "$out" > "$out.log" 2>&1 \
+    || { echo "dpo $name failed: see $out.log" >&2; exit 1; }
+  [ -s "$out.score" ] || score "$out" "$out.score"
   seconds=$(grep -o '"train_time_s": [0-9.]*' "$out/summary.json" | awk '{printf "%.0f", $2}')
   wall=$(grep -o '"wall_time_s": [0-9.]*' "$out/summary.json" | awk '{printf "%.0f", $2}')
   echo "| $name | \`$opts\` | $(cat "$out.score") | $(awk -v a="$(cat "$out.score")" -v b="$(cat "$OUT/sft.score")" \

@@ -75,6 +75,14 @@ def refuse_a_file(out: str | Path) -> None:
         raise UsageError(f"--out {out}: a file; expected a directory to write into")
 
 
+def refuse_a_directory(out: str | Path, option: str = "--out") -> None:
+    """An --out that must be a file and is a directory is an error (before any work is done)."""
+    from rlhflab.errors import UsageError
+
+    if Path(out).is_dir():
+        raise UsageError(f"{option} {out}: a directory; expected the path of a file to write")
+
+
 def check_output_directory(out: str | Path, source: str | Path, marker: str) -> Path:
     """`out` as a directory a command may (re)write: new, empty, or an earlier output of the same
     command (one holding `marker`); never the `source` it is made from, nor anything around it, nor

@@ -94,3 +94,46 @@ def test_a_yaml_list_fills_a_repeatable_option(tmp_path):
     (tmp_path / "d.yaml").write_text("model: [a, b]\ndata: x.jsonl\n")
     with pytest.raises(UsageError, match="takes one value, got a list"):
         parse("sft", ["--config", str(tmp_path / "d.yaml")])
+
+
+@pytest.mark.parametrize("command", [
+    ["sample", "--model", "MODEL", "--prompts", SAMPLES / "prompts.jsonl"],
+    ["rank", "--data", SAMPLES / "rankings.jsonl"],
+    ["rm", "score", "--model", "MODEL", "--data", SAMPLES / "pairs.jsonl"],
+    ["rm", "audit", "--model", "MODEL", "--prompts", SAMPLES / "prompts.jsonl"],
+], ids=lambda c: " ".join(map(str, c[:2])))
+def test_an_out_file_that_is_a_directory_is_refused_before_any_work(command, tiny_model, tmp_path, capsys):
+    out = tmp_path / "d"
+    out.mkdir()
+    args = [str(tiny_model("llama")) if a == "MODEL" else str(a) for a in command]
+    assert main([*args, "--out", str(out)]) == 2
+    assert f"--out {out}: a directory; expected the path of a file" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": [], "responses": ["a", "b"]}, "non-empty list of"),
+    ({"prompt": ["hi"], "responses": ["a", "b"]}, "non-empty list of"),
+    ({"prompt": "hi", "responses": [1, 2]}, "at least 2 strings"),
+    ({"prompt": "hi", "responses": ["a", "b"], "meta": "x"}, "field 'meta' must be an object"),
+])
+def test_rank_names_a_row_of_the_wrong_shape(row, message, tmp_path, capsys):
+    import json
+
+    data = tmp_path / "samples.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 2 plus 3?", "responses": ["5", "7"]}) + "\n" + json.dumps(row) + "\n")
+    assert main(["rank", "--data", str(data), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert f"{data}:2: " in (err := capsys.readouterr().err) and message in err, err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("second,message", [
+    ('{"prompt": "hi", "chosen": "a", "rejected": 5}', ":2: "),
+    ("{not json", ":2"),
+])
+def test_rm_score_names_the_bad_line_of_a_preference_file(second, message, tiny_model, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n' + second + "\n")
+    assert main(["rm", "score", "--model", str(tiny_model("llama")), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "looks like" not in err, err

@@ -82,6 +82,8 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
             raise UsageError("--k: must be at least 2")
         if self.round_prompts < 1:
             raise UsageError(f"--round-prompts: must be at least 1, got {self.round_prompts}")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature: must not be negative, got {self.temperature}")
         if self.beta <= 0:
             raise UsageError("--beta: must be positive")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhflab.config import opt
-from rlhflab.runs import atomic_write_jsonl
+from rlhflab.runs import atomic_write_jsonl, refuse_a_directory
 from rlhflab.errors import UsageError
 
 
@@ -32,7 +32,7 @@ class SampleConfig:
     top_p: float = opt(1.0, "nucleus sampling")
     max_rows: int = opt(0, "use at most this many prompts (0 = all)")
     batch_size: int = opt(32, "sequences generated at once")
-    seed: int = opt(0, "sampling seed")
+    seed: int = opt(0, "sampling seed (the samples also depend on --batch-size)")
     trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
     device: str = opt("auto", "where to run", ("auto", "cpu", "cuda"))
     dtype: str = opt("auto", "weights dtype", ("auto", "fp32", "bf16", "fp16"))
@@ -43,6 +43,10 @@ class SampleConfig:
                 raise UsageError(f"give --{option}")
         if self.k < 2:
             raise UsageError("--k: must be at least 2 (a ranking needs two responses)")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature: must not be negative, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p: must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -157,12 +161,20 @@ def read_rows(path: str) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UsageError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("responses"), list) or len(row["responses"]) < 2:
+        responses = row.get("responses") if isinstance(row, dict) else None
+        if (not isinstance(responses, list) or len(responses) < 2
+                or not all(isinstance(r, str) for r in responses)):
             raise UsageError(f"{path}:{line_no}: expected {{\"prompt\", \"responses\": [at least 2 strings]}}")
         if isinstance(row.get("prompt"), str):
             row["prompt"] = [{"role": "user", "content": row["prompt"]}]
-        if not isinstance(row.get("prompt"), list):
-            raise UsageError(f"{path}:{line_no}: field 'prompt' must be a string or a list of messages")
+        prompt = row.get("prompt")
+        if (not isinstance(prompt, list) or not prompt
+                or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                           for m in prompt)):
+            raise UsageError(f"{path}:{line_no}: field 'prompt' must be a string or a non-empty list of "
+                             "{\"role\", \"content\"} messages")
+        if row.get("meta") is not None and not isinstance(row["meta"], dict):
+            raise UsageError(f"{path}:{line_no}: field 'meta' must be an object")
         rows.append(row)
     if not rows:
         raise UsageError(f"--data {path}: no rows")
@@ -173,6 +185,7 @@ def sample_command(config: SampleConfig) -> int:
     from rlhflab.commands import load_prompts
     from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokenizer
 
+    refuse_a_directory(config.out)
     records = load_prompts(config.prompts)
     if config.max_rows:
         records = records[: config.max_rows]
@@ -189,6 +202,11 @@ def sample_command(config: SampleConfig) -> int:
 def rank_command(config: RankConfig) -> int:
     from rlhflab.models.loading import choose_placement
 
+    refuse_a_directory(config.out)
+    if config.by.startswith("rm:"):
+        from rlhflab.stages.rm_model import check_reward_model
+
+        check_reward_model(config.by[3:], "--by")
     rows = read_rows(config.data)
     scores = scorer(config.by, choose_placement(config.device, config.dtype), seed=config.seed)(rows)
     ranked, tied = rank_rows(rows, scores, config.format)

@@ -55,7 +55,7 @@ class AuditConfig:
     prompts: str | None = opt(None, "prompts (toy-world prompts carry their reference answer in meta)")
     reference: str | None = opt(None, "file giving a good answer per prompt: rankings/pairs (best answer) or messages")
     strict: bool = opt(False, "exit with status 1 when any kind is above the 5% threshold")
-    out: str | None = opt(None, "write the report (JSON) here")
+    out: str | None = opt(None, "write the report (JSON) here (default: audit.json in the --model directory)")
     max_rows: int = opt(200, "audit at most this many prompts (0 = all)")
     device: str = opt("auto", "where to run", ("auto", "cpu", "cuda"))
     dtype: str = opt("auto", "weights dtype", ("auto", "fp32", "bf16", "fp16"))
@@ -126,11 +126,13 @@ def format_report(report: dict) -> str:
 
 def run(config: AuditConfig) -> int:
     from rlhflab.models.loading import choose_placement
-    from rlhflab.runs import atomic_write_json
+    from rlhflab.runs import atomic_write_json, refuse_a_directory
     from rlhflab.stages.rm_model import load_reward_model
 
     if not config.model:
         raise UsageError("give --model (a reward model directory)")
+    if config.out:
+        refuse_a_directory(config.out)
     references = _references(config)
     model, tokenizer = load_reward_model(config.model, choose_placement(config.device, config.dtype),
                                          config.trust_remote_code)
@@ -157,17 +159,20 @@ class ScoreConfig:
 
 
 def score_command(config: ScoreConfig) -> int:
-    from rlhflab.data.formats import load_records
+    from rlhflab.data.formats import KINDS, detect_format, iter_raw_rows, load_records
     from rlhflab.models.loading import choose_placement
-    from rlhflab.runs import atomic_write_jsonl
+    from rlhflab.runs import atomic_write_jsonl, refuse_a_directory
     from rlhflab.stages.rm_model import load_reward_model, score_texts
 
     if not config.model or not config.data:
         raise UsageError("give --model (a reward model) and --data (a file to score)")
-    try:
+    if config.out:
+        refuse_a_directory(config.out)
+    first = next(iter_raw_rows(config.data), (None, None))[1]   # its fields say which reader to use
+    if detect_format(first, "preference") in KINDS["preference"]:
         records, _ = load_records(config.data, "preference")
         items = [(r.messages, resp, rank) for r in records for rank, resp in enumerate(r.responses)]
-    except UsageError:
+    else:
         records, _ = load_records(config.data, "sft")
         items = [(r.messages[:-1], r.messages[-1]["content"], None) for r in records]
     model, tokenizer = load_reward_model(config.model, choose_placement(config.device, config.dtype),
