@@ -137,3 +137,10 @@ def test_rm_score_names_the_bad_line_of_a_preference_file(second, message, tiny_
     assert main(["rm", "score", "--model", str(tiny_model("llama")), "--data", str(data)]) == 2
     err = capsys.readouterr().err
     assert message in err and "looks like" not in err, err
+
+
+def test_rm_audit_takes_prompts_or_a_reference_file_not_both(tiny_model, tmp_path, capsys):
+    assert main(["rm", "audit", "--model", str(tiny_model("llama")), "--prompts", str(SAMPLES / "prompts.jsonl"),
+                 "--reference", str(SAMPLES / "pairs.jsonl"), "--out", str(tmp_path / "a.json")]) == 2
+    assert "give --prompts or --reference, not both" in capsys.readouterr().err
+    assert not (tmp_path / "a.json").exists()

@@ -62,16 +62,26 @@ class AuditConfig:
     trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
 
 
+def holds_preferences(path: str) -> bool:
+    """Whether a file's first row is pairs or rankings (else conversations): its reader, chosen up
+    front so that an error in a later row is reported by the right one."""
+    from rlhflab.data.formats import KINDS, detect_format, iter_raw_rows
+
+    first = next(iter_raw_rows(path), (None, None))[1]
+    return detect_format(first, "preference") in KINDS["preference"]
+
+
 def _references(config) -> list[tuple[list[dict], str]]:
     from rlhflab.data.formats import load_records
 
+    if config.reference and config.prompts:
+        raise UsageError("give --prompts or --reference, not both (the --reference file holds its own prompts)")
     if config.reference:
-        try:
+        if holds_preferences(config.reference):
             records, _ = load_records(config.reference, "preference", option="--reference", max_rows=config.max_rows)
             return [(r.messages, r.responses[0]) for r in records]
-        except UsageError:
-            records, _ = load_records(config.reference, "sft", option="--reference", max_rows=config.max_rows)
-            return [(r.messages[:-1], r.messages[-1]["content"]) for r in records]
+        records, _ = load_records(config.reference, "sft", option="--reference", max_rows=config.max_rows)
+        return [(r.messages[:-1], r.messages[-1]["content"]) for r in records]
     if not config.prompts:
         raise UsageError("give --prompts (with reference answers in meta) or --reference")
     records, _ = load_records(config.prompts, "prompts", option="--prompts", max_rows=config.max_rows)
@@ -159,7 +169,7 @@ class ScoreConfig:
 
 
 def score_command(config: ScoreConfig) -> int:
-    from rlhflab.data.formats import KINDS, detect_format, iter_raw_rows, load_records
+    from rlhflab.data.formats import load_records
     from rlhflab.models.loading import choose_placement
     from rlhflab.runs import atomic_write_jsonl, refuse_a_directory
     from rlhflab.stages.rm_model import load_reward_model, score_texts
@@ -168,8 +178,7 @@ def score_command(config: ScoreConfig) -> int:
         raise UsageError("give --model (a reward model) and --data (a file to score)")
     if config.out:
         refuse_a_directory(config.out)
-    first = next(iter_raw_rows(config.data), (None, None))[1]   # its fields say which reader to use
-    if detect_format(first, "preference") in KINDS["preference"]:
+    if holds_preferences(config.data):
         records, _ = load_records(config.data, "preference")
         items = [(r.messages, resp, rank) for r in records for rank, resp in enumerate(r.responses)]
     else:
