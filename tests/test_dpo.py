@@ -217,6 +217,7 @@ def test_online_rounds_are_reused_only_as_made(tiny_model, tmp_path, capsys):
     assert "every prompt's samples tied" in capsys.readouterr().err
     assert not (out / "round-2" / "pairs.jsonl").exists()
     assert run("--save-every", "1") == 0
+    whole = json.loads((out / "summary.json").read_text())
     made = json.loads((out / "round-2" / "round.json").read_text())
     assert made["options"]["temperature"] == 1.0 and made["options"]["rank_by"] == "judge"
 
@@ -229,6 +230,8 @@ def test_online_rounds_are_reused_only_as_made(tiny_model, tmp_path, capsys):
         return capsys.readouterr().err
 
     assert "sampling" not in resume_in_round_one()     # the same options: round 2's files are reused
+    resumed = json.loads((out / "summary.json").read_text())   # and the summary covers the whole run
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2] and resumed["train_pairs"] == whole["train_pairs"]
     assert "round 2's samples were made with other --rank-by; sampling again" in resume_in_round_one(
         "--rank-by", "annotators")
     assert json.loads((out / "round-2" / "round.json").read_text())["options"]["rank_by"] == "annotators"

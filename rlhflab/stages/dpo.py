@@ -483,7 +483,9 @@ def run(config: DPOConfig) -> dict:
     timer, train_time, seen_pairs, warned = runs.Timer(), 0.0, 0, False
     model.train()
     bar = common.progress(steps, step, f"dpo ({config.loss})", show)
-    last_checkpoint, row, window, rounds_log = setup.resume_from, {}, [], []
+    last_checkpoint, row, window = setup.resume_from, {}, []
+    # A resumed run's summary covers the whole run: the rounds and pairs before the checkpoint too.
+    rounds_log, pairs_before = list(state.get("rounds_log", [])), state.get("train_pairs", 0)
     while step < steps:
         if step >= round_no * steps_per_round:  # next online round: sample from the policy as it is now
             rounds_log.append({"round": round_no, **round_info})
@@ -526,7 +528,9 @@ def run(config: DPOConfig) -> dict:
             metrics_log.log(step, evaluate(model, eval_pairs, eval_ref, config, pad_id, device, policy.packed))
         if config.save_every and step % config.save_every == 0 and step < steps:
             last_checkpoint = common.save_checkpoint(setup, config, step, order,
-                                                     {"round": round_no, "steps_per_round": steps_per_round})
+                                                     {"round": round_no, "steps_per_round": steps_per_round,
+                                                      "rounds_log": rounds_log,
+                                                      "train_pairs": pairs_before + seen_pairs})
     bar.close()
     rounds_log.append({"round": round_no, **round_info})
 
@@ -542,7 +546,7 @@ def run(config: DPOConfig) -> dict:
                "final_loss": row.get("loss"), "final_train_accuracy": row.get("rewards/accuracy"),
                "final_margin": row.get("rewards/margin"), "final_chosen_shift": row.get("logps/chosen_shift"),
                **figures, "pairs_per_s": seen_pairs / max(train_time + ref_time, 1e-9),
-               "train_pairs": seen_pairs, "train_time_s": train_time, "reference_time_s": ref_time,
+               "train_pairs": pairs_before + seen_pairs, "train_time_s": train_time, "reference_time_s": ref_time,
                "wall_time_s": timer.elapsed, "rounds": rounds_log, "reference": (
                    "adapter" if policy.reference_adapter else "adapters-off" if config.lora else
                    "precomputed" if config.precompute_ref else "live"),
