@@ -66,9 +66,9 @@ def resolve_model(name: str) -> tuple[str, str]:
         if _looks_like_hub_id(name):
             return name, f"chatting with {name} (hub id)"
         raise UsageError(f"{name}: no such file or directory")
-    from rlhflab.stages.rm_model import is_sequence_classifier
+    from rlhflab.stages.rm_model import is_reward_model
 
-    if (path / "reward_config.json").is_file() or is_sequence_classifier(str(path)):
+    if is_reward_model(str(path)):
         raise UsageError(f"{name} is a reward model: it scores answers but does not write them; "
                          "chat with a policy instead (the sft, ppo or dpo directory of the run)")
     if _holds_model(path):

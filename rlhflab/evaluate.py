@@ -245,12 +245,12 @@ def run(config: EvalConfig) -> int:
     from rlhflab.runs import atomic_write_json
 
     from rlhflab.models.loading import _check_source, load_tokenizer
-    from rlhflab.stages.rm_model import is_sequence_classifier
+    from rlhflab.stages.rm_model import is_reward_model
 
     models = named_models(config.model)
     for path in models.values():   # every path, before any model runs
         _check_source(path, "--model")
-        if (Path(path) / "reward_config.json").is_file() or is_sequence_classifier(path):
+        if is_reward_model(path):
             raise UsageError(f"--model {path}: a reward model, which scores answers but does not write them; "
                              "give it as --judge rm:DIR")
     if config.judge and not Path(config.judge[3:]).is_dir():

@@ -203,10 +203,6 @@ def rank_command(config: RankConfig) -> int:
     from rlhflab.models.loading import choose_placement
 
     refuse_a_directory(config.out)
-    if config.by.startswith("rm:"):
-        from rlhflab.stages.rm_model import check_reward_model
-
-        check_reward_model(config.by[3:], "--by")
     rows = read_rows(config.data)
     scores = scorer(config.by, choose_placement(config.device, config.dtype), seed=config.seed)(rows)
     ranked, tied = rank_rows(rows, scores, config.format)

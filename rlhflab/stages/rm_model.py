@@ -119,10 +119,14 @@ def load_sequence_classifier(path: str, placement, trust_remote_code: bool = Fal
     return reward.to(placement.device).eval(), tokenizer
 
 
+def is_reward_model(path: str) -> bool:
+    """Whether `path` holds a reward model (from `rlhflab rm`, or a sequence classifier): something
+    that scores answers and cannot write them."""
+    return (Path(path) / "reward_config.json").is_file() or is_sequence_classifier(path)
+
+
 def check_reward_model(path: str, option: str) -> None:
     """Before any work is done: `path` holds a reward model, from `rlhflab rm` or a classifier."""
-    from rlhflab.errors import UsageError
-
     if is_sequence_classifier(path):
         return
     if not path or not Path(path).is_dir():
@@ -137,13 +141,11 @@ def load_reward_model(path: str, placement, trust_remote_code: bool = False, opt
     Face sequence classifier with one label (SequenceClassifierReward)."""
     from peft import PeftModel
 
-    from rlhflab.errors import UsageError
     from rlhflab.stages.rl_roles import load_score_head
 
+    check_reward_model(path, option)
     if is_sequence_classifier(path):
         return load_sequence_classifier(path, placement, trust_remote_code, option)
-    if not Path(path).is_dir():
-        raise UsageError(f"{option} {path}: no such directory")
     tokenizer = load_tokenizer(path, trust_remote_code, option=option)
     if is_adapter_dir(path):
         base = load_causal_lm(adapter_base(path), placement, trust_remote_code, option=option)
