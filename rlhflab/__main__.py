@@ -1,5 +1,5 @@
 import sys
 
-from rlhflab.cli import main
+from rlhflab.cli.main import main
 
 sys.exit(main())

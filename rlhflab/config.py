@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from rlhflab.errors import UsageError
+from rlhflab.runs import atomic_write_text
 
 
 def opt(default, help: str, choices: tuple | None = None, repeatable: bool = False):
@@ -261,8 +262,6 @@ def to_dict(config) -> dict:
 
 
 def save(config, path: Path) -> None:
-    from rlhflab.runs import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
 
 

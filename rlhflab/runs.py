@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from rlhflab.errors import UsageError
+
 
 def _umask() -> int:
     """The process's umask: what open() and mkdir() take off 0666 / 0777 (mkstemp and mkdtemp
@@ -69,7 +71,6 @@ def atomic_write_jsonl(path: str | Path, rows) -> None:
 
 def refuse_a_file(out: str | Path) -> None:
     """An --out that must be a directory and is a file is an error (before anything is written)."""
-    from rlhflab.errors import UsageError
 
     if Path(out).exists() and not Path(out).is_dir():
         raise UsageError(f"--out {out}: a file; expected a directory to write into")
@@ -77,7 +78,6 @@ def refuse_a_file(out: str | Path) -> None:
 
 def refuse_a_directory(out: str | Path, option: str = "--out") -> None:
     """An --out that must be a file and is a directory is an error (before any work is done)."""
-    from rlhflab.errors import UsageError
 
     if Path(out).is_dir():
         raise UsageError(f"{option} {out}: a directory; expected the path of a file to write")
@@ -87,7 +87,6 @@ def check_output_directory(out: str | Path, source: str | Path, marker: str) -> 
     """`out` as a directory a command may (re)write: new, empty, or an earlier output of the same
     command (one holding `marker`); never the `source` it is made from, nor anything around it, nor
     another directory's files. Called before any work, and again just before writing."""
-    from rlhflab.errors import UsageError
 
     out = Path(out)
     here, there = out.resolve(), Path(source).resolve()
@@ -232,7 +231,6 @@ def checkpoint_dirs(out: Path) -> list[Path]:
 
 def find_resume(out: Path, resume: str | None) -> Path | None:
     """`--resume auto` -> the latest complete checkpoint (or None); a path -> that checkpoint."""
-    from rlhflab.errors import UsageError
 
     if not resume:
         return None

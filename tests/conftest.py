@@ -86,7 +86,7 @@ def tiny_model(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def sft_and_rm(tiny_model, tmp_path_factory):
     """An SFT model (plain dir) and a LoRA reward model on it, for the RL tests."""
-    from rlhflab.cli import main
+    from rlhflab.cli.main import main
 
     root = tmp_path_factory.mktemp("rl")
     sft = root / "sft"
@@ -101,7 +101,7 @@ def sft_and_rm(tiny_model, tmp_path_factory):
 def run_cli(*args, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `rlhflab ...` as a user would: a new process, real files, real exit codes."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "rlhflab.cli", *map(str, args)], cwd=cwd or ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "rlhflab.cli.main", *map(str, args)], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from rlhflab import chat, config as cfg, engine
+from rlhflab import config as cfg
 from rlhflab.errors import UsageError
+from rlhflab.infer import chat, engine
 
 
 def chat_config(**values) -> chat.ChatConfig:
@@ -72,7 +73,7 @@ def test_scripted_session_keeps_resets_and_streams(tiny_model, recorded_generati
 
 
 def test_streamed_deltas_keep_whole_characters(tiny_model):
-    from rlhflab.engine import SamplingParams, generate_text
+    from rlhflab.infer.engine import SamplingParams, generate_text
 
     # The tiny tokenizer splits Chinese characters over byte tokens: some prefixes end mid-character.
     model, tokenizer = chat.load(str(tiny_model("llama")), chat_config())
@@ -158,7 +159,7 @@ def test_chat_answers_a_typed_question_in_a_pseudo_terminal(tiny_model):
 
     controller, terminal = pty.openpty()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "rlhflab.cli", "chat", str(tiny_model("llama")),
+    process = subprocess.Popen([sys.executable, "-m", "rlhflab.cli.main", "chat", str(tiny_model("llama")),
                                 "--max-new-tokens", "6", "--device", "cpu"],
                                stdin=terminal, stdout=terminal, stderr=terminal, env=env, close_fds=True)
     os.close(terminal)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import SAMPLES
 
 from rlhflab import config as cfg
-from rlhflab.cli import COMMANDS, main, parse
+from rlhflab.cli.main import COMMANDS, main, parse
 from rlhflab.errors import UsageError
-
-from conftest import SAMPLES
 
 
 def test_help_lists_every_option_with_its_default(capsys):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SAMPLES
 
 from rlhflab.data.formats import load_records
 from rlhflab.data.template import IGNORE_INDEX, encode_chat
 from rlhflab.errors import UsageError
-
-from conftest import SAMPLES
 
 
 @pytest.mark.parametrize("name,kind,fmt", [

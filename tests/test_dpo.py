@@ -6,11 +6,10 @@ import json
 import shutil
 
 import pytest
-
-from rlhflab.cli import main
-from rlhflab.runs import read_metrics
-
 from conftest import SAMPLES
+
+from rlhflab.cli.main import main
+from rlhflab.runs import read_metrics
 
 PAIRS = SAMPLES / "pairs.jsonl"
 
@@ -91,7 +90,7 @@ def test_chosen_drop_warning(tiny_model, tmp_path, capsys):
 
 
 def test_sample_and_rank_make_pairs(tiny_model, tmp_path, cli):
-    from rlhflab.stages.preference_data import rank_rows
+    from rlhflab.feedback.preferences import rank_rows
 
     samples, ranked = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
     result = cli("sample", "--model", tiny_model("llama"), "--prompts", SAMPLES / "prompts.jsonl", "--k", 3,

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhflab.data.template import stop_token_ids
-from rlhflab.engine import SamplingParams, generate, generate_text
 from rlhflab.errors import NonFiniteError
+from rlhflab.infer.engine import SamplingParams, generate, generate_text
 
 
 def load(path):

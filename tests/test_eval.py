@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from rlhflab.cli import main
-from rlhflab.evaluate import distinct_n, win_rate, wilson
-
 from conftest import SAMPLES
+
+from rlhflab.cli.main import main
+from rlhflab.evals.evaluate import distinct_n, wilson, win_rate
 
 
 def test_win_rate_counts_ties_half_and_has_an_interval():
@@ -47,8 +46,8 @@ def test_eval_compares_models_against_a_baseline(tiny_model, tmp_path, capsys):
 
 
 def test_eval_needs_a_judge_for_a_baseline(tiny_model):
+    from rlhflab.cli.main import parse
     from rlhflab.errors import UsageError
-    from rlhflab.cli import parse
 
     with pytest.raises(UsageError, match="--baseline needs --judge"):
         parse("eval", ["--model", str(tiny_model("llama")), "--prompts", "p.jsonl", "--baseline", "x"])
@@ -76,9 +75,9 @@ def test_judge_names_a_bad_responses_file(tmp_path, cli):
 
 
 def test_eval_refuses_a_reference_with_another_vocabulary(tiny_model, tmp_path, cli):
+    from conftest import sample_texts, tiny_config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import sample_texts, tiny_config
     from rlhflab.models.tokenizer import train_tokenizer
 
     train_tokenizer(sample_texts(), 420, tmp_path / "tok")

@@ -26,8 +26,8 @@ def test_selected_logits_equal_the_full_heads(arch, tiny_model):
 
     from rlhflab.data.template import IGNORE_INDEX
     from rlhflab.models.heads import answer_selection, logits_at
-    from rlhflab.stages.dpo import sequence_logps
-    from rlhflab.stages.sft import nll_sum
+    from rlhflab.train.dpo import sequence_logps
+    from rlhflab.train.sft import nll_sum
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model(arch))).eval()
     ids, mask, labels = _batch(model.config.vocab_size, model.config.pad_token_id)
@@ -63,7 +63,7 @@ def test_response_logprobs_and_shared_values_read_the_head_input(tiny_model):
     from transformers import AutoModelForCausalLM
 
     from rlhflab.models.heads import logits_at
-    from rlhflab.stages.rl_roles import response_logprobs, response_selection
+    from rlhflab.train.roles import response_logprobs, response_selection
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model("llama"))).eval()
     torch.manual_seed(2)

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from rlhflab.cli import main
-from rlhflab.errors import UsageError
-from rlhflab.pipeline import load_pipeline
-
 from conftest import ROOT, SAMPLES
+
+from rlhflab.cli.main import main
+from rlhflab.cli.pipeline import load_pipeline
+from rlhflab.errors import UsageError
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 

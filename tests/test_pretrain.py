@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-from transformers import AutoTokenizer
-
 from conftest import SAMPLES
+from transformers import AutoTokenizer
 
 
 def test_world_tokenizer_pretrain_then_sft(cli, tmp_path):
@@ -54,7 +53,7 @@ def test_pretrain_needs_exactly_one_model_source(cli, tmp_path):
 
 def test_max_length_past_the_models_positions_is_fitted(tiny_model, tmp_path, capsys):
     """GPT-2's learned position table ends at 256 here: --max-length 1024 would index past it."""
-    from rlhflab.cli import main
+    from rlhflab.cli.main import main
 
     assert main(["pretrain", "--model", str(tiny_model("gpt2")), "--data", str(SAMPLES / "corpus.txt"),
                  "--max-length", "1024", "--max-steps", "1", "--batch-size", "1", "--out", str(tmp_path / "p"),

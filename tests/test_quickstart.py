@@ -37,7 +37,7 @@ def test_killed_during_ppo_the_rerun_skips_finished_stages(tmp_path):
 
     out = tmp_path / "qs"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-m", "rlhflab.cli", "quickstart", "--preset", "tiny", "--out", str(out),
+    args = [sys.executable, "-m", "rlhflab.cli.main", "quickstart", "--preset", "tiny", "--out", str(out),
             "--progress", "false"]
     first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600

@@ -7,8 +7,9 @@ import re
 
 import pytest
 
-from rlhflab import config as cfg, report
+from rlhflab import config as cfg
 from rlhflab.errors import UsageError
+from rlhflab.evals import report
 
 
 def write_jsonl(path, rows):

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-
-from rlhflab.cli import main
-from rlhflab.runs import read_metrics
-from rlhflab.stages.rl import Alarm
-
 from conftest import SAMPLES
+
+from rlhflab.cli.main import main
+from rlhflab.runs import read_metrics
+from rlhflab.train.rl import Alarm
 
 
 def ppo(sft, rm, out, *extra) -> dict:
@@ -151,8 +150,8 @@ def test_the_gold_judge_as_reward_needs_world_prompts(sft_and_rm, tmp_path, cli)
 def test_shared_critic_is_a_value_head_on_the_policy(sft_and_rm, tmp_path):
     from rlhflab import config as cfg
     from rlhflab.models.loading import choose_placement
-    from rlhflab.stages.rl import RLConfig
-    from rlhflab.stages.rl_roles import load_roles
+    from rlhflab.train.rl import RLConfig
+    from rlhflab.train.roles import load_roles
 
     sft, rm = sft_and_rm
     config = cfg.build(RLConfig, {}, {"policy": str(sft), "reward": str(rm), "prompts": str(SAMPLES / "prompts.jsonl"),
@@ -194,7 +193,7 @@ def test_rewards_are_read_where_the_reward_model_was_trained(finished, tiny_mode
     from transformers import AutoTokenizer
 
     from rlhflab.data.template import encode_chat, encode_prompt, stop_token_ids, turn_end_ids
-    from rlhflab.engine import Generation
+    from rlhflab.infer.engine import Generation
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model("llama")))
     messages = [{"role": "user", "content": "What is the capital of France?"}]

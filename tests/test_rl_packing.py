@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-
-from rlhflab.cli import main
-from rlhflab.runs import read_metrics
-
 from conftest import ARCHS, SAMPLES
+
+from rlhflab.cli.main import main
+from rlhflab.runs import read_metrics
 
 
 def _rollout(vocab: int):
@@ -29,7 +28,7 @@ def _rollout(vocab: int):
 def test_packed_logprobs_equal_single_rows(arch, tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from rlhflab.stages.rl_roles import Roles, packed_response_logprobs, response_logprobs
+    from rlhflab.train.roles import Roles, packed_response_logprobs, response_logprobs
 
     lm = AutoModelForCausalLM.from_pretrained(str(tiny_model(arch))).eval()
     roles = Roles(lm, None, None, lora=False, reference_adapter=None, reward_adapter=None, critic_adapter=None)

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-
-from rlhflab.cli import main
-from rlhflab.runs import read_metrics
-from rlhflab.stages.rm import last_token_index
-
 from conftest import SAMPLES
+
+from rlhflab.cli.main import main
+from rlhflab.runs import read_metrics
+from rlhflab.train.rm import last_token_index
 
 
 def test_last_token_index_left_and_right_padding():
@@ -42,7 +41,7 @@ def test_accuracy_rises_with_each_loss(loss, tiny_model, tmp_path):
 
 def test_lora_rm_round_trip_and_score_command(tiny_model, tmp_path, cli):
     from rlhflab.models.loading import choose_placement
-    from rlhflab.stages.rm_model import load_reward_model, score_texts
+    from rlhflab.rewards.model import load_reward_model, score_texts
 
     out = tmp_path / "rm"
     train_rm(tiny_model("qwen2"), out, SAMPLES / "pairs.jsonl", "--lora", "--max-steps", 5)
@@ -60,7 +59,7 @@ def test_harden_adds_degenerate_rejected_answers(tiny_model):
     from transformers import AutoTokenizer
 
     from rlhflab.data.formats import load_records
-    from rlhflab.stages.rm import as_pairs, encode_pair_rows
+    from rlhflab.train.rm import as_pairs, encode_pair_rows
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model("llama")))
     records, _ = load_records(str(SAMPLES / "pairs.jsonl"), "preference")
@@ -81,7 +80,7 @@ def test_hardening_pairs_are_their_own_weighted_mean(loss):
     from types import SimpleNamespace
 
     from rlhflab.losses import ranking_loss
-    from rlhflab.stages.rm import as_pairs, batch_loss
+    from rlhflab.train.rm import as_pairs, batch_loss
 
     scores = {(1,): 2.0, (2,): 0.5, (3,): 1.0, (4,): -1.0, (5,): 3.0}     # a sequence's score = a table lookup
     model = lambda ids, mask: torch.tensor([scores[tuple(row[:1].tolist())] for row in ids])  # noqa: E731
@@ -131,7 +130,7 @@ def test_missing_field_is_named(tmp_path, cli, tiny_model):
 
 
 def test_length_chunks_bound_the_padding_and_keep_every_index():
-    from rlhflab.stages.rm import length_chunks
+    from rlhflab.train.rm import length_chunks
 
     lengths = [5, 50, 6, 48, 7, 200, 5, 51]
     chunks = length_chunks(lengths, waste=0.15)
@@ -146,7 +145,7 @@ def test_chunked_scores_equal_one_padded_batch(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhflab.stages.rm import RewardModel, pad_right, score_by_length
+    from rlhflab.train.rm import RewardModel, pad_right, score_by_length
 
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_pretrained(str(tiny_model("llama")))
@@ -203,8 +202,8 @@ def test_a_long_prompt_is_cut_from_its_start_so_the_answer_is_still_scored(tiny_
     from transformers import AutoModelForCausalLM
 
     from rlhflab.models.loading import load_tokenizer
-    from rlhflab.stages.rm import RewardModel
-    from rlhflab.stages.rm_model import score_texts
+    from rlhflab.rewards.model import score_texts
+    from rlhflab.train.rm import RewardModel
 
     tok = load_tokenizer(str(tiny_model("llama")))
     torch.manual_seed(0)

@@ -37,7 +37,7 @@ def test_pack_groups_layout():
 def test_shared_prompt_scores_equal_single_rows(arch, tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from rlhflab.stages.rm import RewardModel, score_groups, sharing_matches
+    from rlhflab.train.rm import RewardModel, score_groups, sharing_matches
 
     lm = AutoModelForCausalLM.from_pretrained(str(tiny_model(arch)))
     model = RewardModel(lm, lm.config.hidden_size).eval()
@@ -65,7 +65,7 @@ def test_shared_prompt_scores_equal_single_rows(arch, tiny_model):
 
 @pytest.mark.parametrize("loss", ["pairwise", "ranking"])
 def test_rm_training_with_and_without_sharing_agrees(loss, tiny_model, tmp_path):
-    from rlhflab.cli import main
+    from rlhflab.cli.main import main
 
     data = tmp_path / "rankings.jsonl"
     rows = []
@@ -91,7 +91,7 @@ def test_dpo_packed_pairs_equal_single_rows(arch, tiny_model):
     from transformers import AutoModelForCausalLM
 
     from rlhflab.data.template import IGNORE_INDEX
-    from rlhflab.stages.dpo import packing_matches, sequence_logps
+    from rlhflab.train.dpo import packing_matches, sequence_logps
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model(arch))).eval()
     pad, vocab = model.config.pad_token_id, model.config.vocab_size
@@ -115,7 +115,7 @@ def test_dpo_packed_pairs_equal_single_rows(arch, tiny_model):
 
 
 def test_dpo_training_with_and_without_packing_agrees(tiny_model, tmp_path):
-    from rlhflab.cli import main
+    from rlhflab.cli.main import main
     from tests.conftest import SAMPLES
 
     summaries = []
@@ -132,7 +132,7 @@ def test_dpo_training_with_and_without_packing_agrees(tiny_model, tmp_path):
 def test_models_with_a_sliding_window_are_not_packed(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from rlhflab.stages.rm import RewardModel, sharing_matches
+    from rlhflab.train.rm import RewardModel, sharing_matches
 
     lm = AutoModelForCausalLM.from_pretrained(str(tiny_model("qwen2")))
     model = RewardModel(lm, lm.config.hidden_size)
@@ -144,8 +144,8 @@ def test_models_with_a_sliding_window_are_not_packed(tiny_model):
 def test_score_texts_packs_answers_to_one_prompt(tiny_model, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import rlhflab.stages.rm as rm
-    from rlhflab.stages.rm_model import score_texts
+    import rlhflab.train.rm as rm
+    from rlhflab.rewards.model import score_texts
 
     path = tiny_model("llama")
     lm = AutoModelForCausalLM.from_pretrained(str(path))

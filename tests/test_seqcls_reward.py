@@ -8,10 +8,9 @@ import json
 
 import pytest
 import torch
-
-from rlhflab.cli import main
-
 from conftest import SAMPLES, sample_texts, tiny_config
+
+from rlhflab.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +95,7 @@ def test_a_classifier_with_two_labels_is_refused(classifier, tmp_path, cli):
 
 def rm_scores(path, conversations) -> list[float]:
     from rlhflab.models.loading import choose_placement
-    from rlhflab.stages.rm_model import load_reward_model, score_texts
+    from rlhflab.rewards.model import load_reward_model, score_texts
 
     return score_texts(*load_reward_model(str(path), choose_placement("cpu", "fp32")), conversations)
 

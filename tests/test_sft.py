@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ARCHS, ROOT, SAMPLES
 from safetensors.torch import load_file
 
-from rlhflab.cli import main
+from rlhflab.cli.main import main
 from rlhflab.runs import read_metrics
-
-from conftest import ARCHS, ROOT, SAMPLES
 
 DATA = SAMPLES / "sft_messages.jsonl"
 
@@ -105,7 +104,7 @@ def test_grad_accumulation_matches_one_big_batch(tiny_model, tmp_path):
 
 def test_killed_mid_training_keeps_a_usable_checkpoint_and_resumes(tiny_model, tmp_path):
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "rlhflab.cli", "sft", "--model", str(tiny_model("llama")), "--data", str(DATA),
+    args = [sys.executable, "-m", "rlhflab.cli.main", "sft", "--model", str(tiny_model("llama")), "--data", str(DATA),
             "--out", str(out), "--max-steps", 100000, "--save-every", 5, "--progress", "false", "--lr", "1e-3"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([str(a) for a in args], env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
@@ -140,7 +139,7 @@ def test_gradient_checkpointing_saves_fewer_activations_and_keeps_the_gradients(
     from transformers import AutoModelForCausalLM
 
     from rlhflab.models.loading import enable_gradient_checkpointing
-    from rlhflab.stages.sft import nll_sum
+    from rlhflab.train.sft import nll_sum
 
     torch.manual_seed(0)
     ids = torch.randint(5, 500, (2, 12))
@@ -173,7 +172,7 @@ def test_gradient_checkpointing_leaves_frozen_models_alone(tiny_model):
 
 
 def test_resuming_on_another_plan_warns(tiny_model, tmp_path, capsys):
-    from rlhflab.cli import main
+    from rlhflab.cli.main import main
 
     args = ["sft", "--model", str(tiny_model("llama")), "--data", str(SAMPLES / "sft_messages.jsonl"),
             "--out", str(tmp_path / "sft"), "--save-every", "2", "--progress", "false", "--batch-size", "2"]
@@ -187,7 +186,7 @@ def test_resuming_on_another_plan_warns(tiny_model, tmp_path, capsys):
 
 def test_outputs_are_readable_as_the_umask_allows(tiny_model, tmp_path):
     """Weights and summaries written through temporary files (mkstemp: 0600) get open()'s mode."""
-    from rlhflab.cli import main
+    from rlhflab.cli.main import main
 
     old = os.umask(0o022)
     try:

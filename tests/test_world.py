@@ -10,8 +10,13 @@ from rlhflab import world
 from rlhflab.world import demonstrator, tasks
 from rlhflab.world.corpus import corpus_text
 from rlhflab.world.judge import FACETS, WEIGHTS, judge
-from rlhflab.world.preferences import (ANNOTATOR_TEMPERATURE, build_preferences, calibrate_temperature,
-                                       expected_agreement, perceived_scores)
+from rlhflab.world.preferences import (
+    ANNOTATOR_TEMPERATURE,
+    build_preferences,
+    calibrate_temperature,
+    expected_agreement,
+    perceived_scores,
+)
 
 
 def user(*turns):
@@ -410,7 +415,7 @@ def test_export_is_deterministic(tmp_path):
 
 
 def test_export_with_habits_from_the_cli(tmp_path, capsys):
-    from rlhflab.cli import main
+    from rlhflab.cli.main import main
 
     assert main(["world", "export", "--out", str(tmp_path / "h"), "--size", "small", "--habit-rate", "0.6"]) == 0
     manifest = json.loads((tmp_path / "h" / "manifest.json").read_text(encoding="utf-8"))
@@ -491,7 +496,7 @@ def test_every_entity_good_answer_scores_one():
 
 @pytest.mark.parametrize("command", [["world", "export"], ["tokenizer", "train", "--corpus", "x.txt"]])
 def test_an_out_that_is_a_file_is_refused(command, tmp_path, capsys):
-    from rlhflab.cli import main
+    from rlhflab.cli.main import main
 
     (tmp_path / "afile").write_text("keep")
     assert main([*command, "--out", str(tmp_path / "afile")]) == 2

@@ -32,7 +32,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "chatgpt": "assistant", "bot": "assistant", "model": "assistant", "system": "system"}
 
 # What each stage accepts.
-KINDS = {
+FORMAT_KINDS = {
     "sft": ("messages", "sharegpt", "alpaca", "prompt_completion", "hc3"),
     "preference": ("pairs", "rankings"),
     "prompts": ("prompts", "messages", "sharegpt", "alpaca", "prompt_completion", "hc3", "pairs", "rankings"),
@@ -327,8 +327,8 @@ def load_records(source: str, kind: str, fmt: str = "auto", skip_bad_rows: bool 
         try:
             if chosen_fmt is None:
                 chosen_fmt = detect_format(row, kind) if isinstance(row, dict) else "unknown"
-                if chosen_fmt not in KINDS[kind]:
-                    allowed = ", ".join(KINDS[kind])
+                if chosen_fmt not in FORMAT_KINDS[kind]:
+                    allowed = ", ".join(FORMAT_KINDS[kind])
                     raise UsageError(
                         f"{where}: {option} looks like {chosen_fmt!r} data (fields: "
                         f"{sorted(row) if isinstance(row, dict) else type(row).__name__}); "
@@ -350,3 +350,8 @@ def load_records(source: str, kind: str, fmt: str = "auto", skip_bad_rows: bool 
     if not records:
         raise UsageError(f"{option} {source}: no usable rows (read {stats.rows_read}, skipped {stats.rows_skipped})")
     return records, stats
+
+
+def load_prompts(path: str) -> list:
+    records, _ = load_records(path, "prompts", option="--prompts")
+    return records

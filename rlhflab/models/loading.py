@@ -7,14 +7,25 @@ support is ~20x slower).
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    PreTrainedModel,
+)
 
 from rlhflab.data.template import ensure_chat_template, ensure_pad_token
 from rlhflab.errors import UsageError
+from rlhflab.runs import atomic_write_directory, atomic_write_json, check_output_directory
 
 # Llama-shaped presets for models trained from scratch (vocab size comes from the tokenizer).
 PRESETS = {
@@ -78,7 +89,6 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: st
                    option: str = "--tokenizer"):
     """The tokenizer at `name`, with a chat template and a pad token; `option` names where the
     path came from in error messages (the model's own directory is the usual source)."""
-    from transformers import AutoTokenizer
 
     _check_source(name, option, marker="tokenizer_config.json")
     try:
@@ -95,7 +105,6 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: st
 
 def build_fresh(init_config: str, tokenizer, seed: int = 0):
     """A randomly initialised causal LM from a config.json path or a preset name."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     special = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                    eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
@@ -116,18 +125,15 @@ def build_fresh(init_config: str, tokenizer, seed: int = 0):
 def load_causal_lm(name: str, placement: Placement, trust_remote_code: bool = False, train_full: bool = False,
                    option: str = "--model", quantize_4bit: bool = False):
     """A causal LM from a local directory or hub id. Adapter directories are merged into their base."""
-    from transformers import AutoModelForCausalLM
 
     _check_source(name, option)
     dtype = placement.train_dtype if train_full else placement.dtype
     if is_adapter_dir(name):
         base = load_causal_lm(adapter_base(name), placement, trust_remote_code, train_full, option)
-        from peft import PeftModel
 
         return PeftModel.from_pretrained(base, name).merge_and_unload()
     extra = {}
     if quantize_4bit:
-        from transformers import BitsAndBytesConfig
 
         # QLoRA (Dettmers et al. 2023): NF4 weights, double quantisation, bf16 compute.
         extra = {"quantization_config": BitsAndBytesConfig(
@@ -140,7 +146,6 @@ def load_causal_lm(name: str, placement: Placement, trust_remote_code: bool = Fa
     except (OSError, ValueError) as exc:
         raise UsageError(f"{option} {name}: cannot load the model: {exc}") from None
     if quantize_4bit:
-        from peft import prepare_model_for_kbit_training
 
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model.to(placement.device)
@@ -162,7 +167,6 @@ def enable_gradient_checkpointing(module) -> int:
     Non-reentrant checkpointing, so a LoRA model with frozen embeddings needs no input-grad hook.
     Only layers in training mode recompute: generation and no-grad passes run as before.
     """
-    from transformers import PreTrainedModel
 
     done, seen = 0, set()
     for sub in module.modules():
@@ -189,7 +193,6 @@ def resize_for_tokenizer(model, tokenizer) -> bool:
 
 def apply_lora(model, config, extra_trainable: list[str] | None = None):
     """Wrap with a fresh trainable LoRA adapter (peft)."""
-    from peft import LoraConfig, get_peft_model
 
     targets = "all-linear" if config.lora_target == "all-linear" else [t.strip() for t in config.lora_target.split(",")]
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -290,9 +293,6 @@ def record_adapter_base(out: Path, base_name: str) -> None:
 
 def merge_command(config) -> int:
     """`rlhflab merge --adapter DIR --out DIR`: a plain HF model directory."""
-    import shutil
-
-    from rlhflab.runs import atomic_write_directory, atomic_write_json, check_output_directory
 
     if not config.adapter or not config.out:
         raise UsageError("give --adapter (an adapter directory) and --out (where to write the merged model)")

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
 from rlhflab.data.template import DEFAULT_CHAT_TEMPLATE, IM_END, IM_START, PAD
 
 EOS = "<|endoftext|>"
@@ -19,8 +22,6 @@ SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path | None = None):
     """Train byte-level BPE on `texts`; save to `out_dir` if given; return a fast HF tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.Sequence(

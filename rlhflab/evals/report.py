@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rlhflab.config import opt
 from rlhflab.errors import UsageError
+from rlhflab.runs import atomic_write_text
 
 STAGE_ORDER = ("pretrain", "sft", "rm", "ppo", "grpo", "dpo")
 
@@ -448,8 +449,6 @@ def render(run_dir: Path) -> str:
 
 
 def run(config: ReportConfig) -> int:
-    from rlhflab.runs import atomic_write_text
-
     run_dir = check_run_dir(config.run_dir)
     out = Path(config.out) if config.out else run_dir / "report.html"
     if out.is_dir():

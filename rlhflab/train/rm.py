@@ -17,14 +17,14 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from rlhflab import losses, runs
 from rlhflab.config import DataOptions, ModelOptions, TrainOptions, opt
 from rlhflab.data.template import encode_chat
 from rlhflab.errors import UsageError
-from rlhflab.models.packing import pack_groups, packed_length, packing_agrees
-from rlhflab.stages import common
+from rlhflab.rewards.degenerate import degenerate_answers
+from rlhflab.rewards.model import build_reward_model, save_reward_model, score_groups, sharing_matches
+from rlhflab.train import skeleton
 
 
 @dataclass
@@ -47,47 +47,12 @@ class RMConfig(ModelOptions, DataOptions, TrainOptions):
                                    "(checked at the start; models that cannot take a 4D attention mask fall back)")
 
 
-class RewardModel(nn.Module):
-    """Transformer body (from a causal LM, possibly LoRA-wrapped) + a linear score head."""
-
-    def __init__(self, lm, hidden_size: int):
-        super().__init__()
-        self.lm = lm
-        self.score_head = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.score_head.weight, std=1.0 / math.sqrt(hidden_size + 1))
-        nn.init.zeros_(self.score_head.bias)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
-                read_at: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,) scores read at the last real token of each row (left or right padding); or, for rows
-        packed by `pack_groups` (a 4D mask, explicit positions), (N,) scores read at `read_at`."""
-        from rlhflab.models.heads import padding_mask_for
-        from rlhflab.stages.rl_roles import hidden_states
-
-        if read_at is not None:
-            hidden = hidden_states(self.lm, input_ids, attention_mask, position_ids)
-            return self.score_head(hidden[read_at[:, 0], read_at[:, 1]].float()).squeeze(-1)
-        hidden = hidden_states(self.lm, input_ids, padding_mask_for(attention_mask))   # (B, T, H)
-        last = last_token_index(attention_mask)
-        return self.score_head(hidden[torch.arange(hidden.shape[0]), last].float()).squeeze(-1)
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) position of the last real token; works for left and right padding, never a pad."""
-    width = attention_mask.shape[1]
-    last = width - 1 - attention_mask.long().flip(-1).argmax(-1)
-    if not bool(attention_mask.gather(1, last[:, None]).all()):
-        raise AssertionError("a row has no real token: the score would be read at a pad position")
-    return last
-
-
 def encode_pair_rows(records, tokenizer, max_length: int, harden: bool, harden_kinds: int = 0) -> tuple[list[dict], int]:
     """Each record -> {"seqs": [ids best first], "gold": [...] or None}; returns (rows, truncated).
 
     Hardening adds `harden_kinds` degenerate answers per prompt (0 = every kind), rotating through
     the kinds so that each is used equally often over the data.
     """
-    from rlhflab.stages.rm_audit import degenerate_answers
 
     rows, truncated = [], 0
     for index, record in enumerate(records):
@@ -108,16 +73,6 @@ def encode_pair_rows(records, tokenizer, max_length: int, harden: bool, harden_k
     return rows, truncated
 
 
-def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def as_pairs(rows: list[dict]) -> list[tuple[list[int], list[int], list[list[int]]]]:
     """Every (better, worse, degenerate answers) of every row: rankings expand to K-choose-2, and a
     row's degenerate answers ride with its first pair, so that hardening is mixed into every batch
@@ -129,72 +84,6 @@ def as_pairs(rows: list[dict]) -> list[tuple[list[int], list[int], list[list[int
         real = [(seqs[i], seqs[j]) for i in range(n) for j in range(i + 1, n)]
         pairs += [(better, worse, seqs[n:] if index == 0 else []) for index, (better, worse) in enumerate(real)]
     return pairs
-
-
-def length_chunks(lengths: list[int], waste: float = 0.15, most: int = 32) -> list[list[int]]:
-    """Indices grouped by length so that padding adds at most `waste` to a chunk's real tokens."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    chunks, current, real = [], [], 0
-    for i in order:
-        longest = lengths[i]  # sorted: the newcomer is the longest
-        if current and (longest * (len(current) + 1) > (1 + waste) * (real + longest) or len(current) == most):
-            chunks.append(current)
-            current, real = [], 0
-        current.append(i)
-        real += lengths[i]
-    return chunks + [current] if current else chunks
-
-
-def score_by_length(seqs: list[list[int]], model, pad_id: int, device, most: int = 32) -> torch.Tensor:
-    """(N,) scores in input order, computed in chunks of similar length.
-
-    One padded batch pads every answer to the longest (a hardening ramble is many times a normal
-    answer, and even plain preference pairs waste ~50% on padding); chunks of similar length cut
-    the padded tokens, and the time, with the same result.
-    """
-    chunks = length_chunks([len(s) for s in seqs], most=most)
-    parts = []
-    for chunk in chunks:
-        ids, mask = pad_right([seqs[i] for i in chunk], pad_id, device)
-        parts.append(model(ids, mask))
-    order = [i for chunk in chunks for i in chunk]
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    return torch.cat(parts)[inverse.to(device)]
-
-
-def score_groups(groups: list[list[list[int]]], model, pad_id: int, device, share: bool,
-                 most: int | None = None) -> torch.Tensor:
-    """(N,) scores of every sequence of every group, in order. With `share`, each group (the
-    responses to one prompt) is one packed row whose prompt runs once: a pair of toy-world
-    answers is ~28% fewer tokens, a ranking of four ~45%. Without, as score_by_length. `most`:
-    rows per forward pass (default 16 packed rows, or score_by_length's)."""
-    if not share:
-        flat = [s for g in groups for s in g]
-        return score_by_length(flat, model, pad_id, device) if most is None else \
-            score_by_length(flat, model, pad_id, device, most=most)
-    dtype = next(model.parameters()).dtype
-    lengths = [packed_length(g) for g in groups]
-    per_group: list[torch.Tensor | None] = [None] * len(groups)
-    for chunk in length_chunks(lengths, most=most or 16):
-        packed = pack_groups([groups[i] for i in chunk], pad_id, device, dtype)
-        scores = model(packed["input_ids"], packed["attention_mask"], packed["position_ids"], packed["read_at"])
-        for i, part in zip(chunk, scores.split([len(groups[i]) for i in chunk])):
-            per_group[i] = part
-    return torch.cat(per_group)
-
-
-def sharing_matches(model, pad_id: int, device, vocab_size: int) -> bool:
-    """Whether this model scores packed rows as it scores sequences one by one: checked once on a
-    small made-up group, since not every architecture honours a 4D mask and explicit positions
-    (ALiBi models, FlashAttention-2 kernels)."""
-    ids = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, max(vocab_size, 4), (6,), generator=ids).tolist()
-    tails = [torch.randint(3, max(vocab_size, 4), (n,), generator=ids).tolist() for n in (3, 5, 2)]
-    groups = [[prompt + t for t in tails], [prompt[:4] + t for t in tails[:2]]]
-    return packing_agrees(model, lambda: score_groups(groups, model, pad_id, device, share=True),
-                          lambda: score_groups(groups, model, pad_id, device, share=False),
-                          next(model.parameters()).dtype)
 
 
 def batch_loss(model, items, config, pad_id, device, share: bool = False):
@@ -277,13 +166,11 @@ def evaluate(model, rows, pad_id, device, batch_size: int = 16, share: bool = Fa
 
 
 def run(config: RMConfig) -> dict:
-    from rlhflab.stages.rm_model import build_reward_model, save_reward_model
-
     # Load.
     if not config.data:
         raise UsageError("give --data (preference pairs or rankings)")
-    records, eval_records, stats = common.load_preferences(config)
-    setup = common.prepare_stage(config)
+    records, eval_records, stats = skeleton.load_preferences(config)
+    setup = skeleton.prepare_stage(config)
     model, tokenizer, info = build_reward_model(config, setup.placement)
     share = config.share_prompt and sharing_matches(model, tokenizer.pad_token_id, next(model.parameters()).device,
                                                     len(tokenizer))
@@ -296,38 +183,38 @@ def run(config: RMConfig) -> dict:
     items = as_pairs(train_rows) if config.loss == "pairwise" else train_rows
 
     # Build.
-    steps = common.total_steps(config, len(items))
-    optimizer = common.make_optimizer(model, config)
-    scheduler = common.make_scheduler(optimizer, config, steps)
+    steps = skeleton.total_steps(config, len(items))
+    optimizer = skeleton.make_optimizer(model, config)
+    scheduler = skeleton.make_scheduler(optimizer, config, steps)
     accelerator = setup.accelerator
-    common.checkpoint_activations(model, config)
+    skeleton.checkpoint_activations(model, config)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if config.lora:
-        common.checkpoint_trainable_only(accelerator)
+        skeleton.checkpoint_trainable_only(accelerator)
     lengths = [sum(map(len, item[:2])) + sum(map(len, item[2])) for item in items] if config.loss == "pairwise" else \
         [sum(map(len, item["seqs"])) for item in items]
-    order = common.BatchOrder(lengths, config.batch_size, config.seed, config.group_by_length)
-    metrics_log = common.start_outputs(setup, config)
-    step = common.restore_checkpoint(setup, order, strict=not config.lora) if setup.resume_from else 0
+    order = skeleton.BatchOrder(lengths, config.batch_size, config.seed, config.group_by_length)
+    metrics_log = skeleton.start_outputs(setup, config)
+    step = skeleton.restore_checkpoint(setup, order, strict=not config.lora) if setup.resume_from else 0
     pad_id, device = tokenizer.pad_token_id, accelerator.device
 
     # Loop.
     timer, train_time, seen_pairs = runs.Timer(), 0.0, 0
     model.train()
-    bar = common.progress(steps, step, "rm", config.progress and accelerator.is_main_process)
+    bar = skeleton.progress(steps, step, "rm", config.progress and accelerator.is_main_process)
     last_checkpoint, row = setup.resume_from, {}
     while step < steps:
         started = time.perf_counter()
         micro_rows = []
         for _ in range(config.grad_accum):
-            batch = [items[i] for i in common.shard(order.next(), accelerator)]
+            batch = [items[i] for i in skeleton.shard(order.next(), accelerator)]
             loss, micro = batch_loss(model, batch, config, pad_id, device, share)
-            common.check_finite(loss, "the reward-model loss", step + 1, last_checkpoint)
+            skeleton.check_finite(loss, "the reward-model loss", step + 1, last_checkpoint)
             accelerator.backward(loss / config.grad_accum)
             seen_pairs += int(micro["pairs"])
             micro_rows.append(micro)
-        row = common.merge_micro_rows(micro_rows)
-        common.optimizer_step(accelerator, model.parameters(), optimizer, scheduler, config.max_grad_norm)
+        row = skeleton.merge_micro_rows(micro_rows)
+        skeleton.optimizer_step(accelerator, model.parameters(), optimizer, scheduler, config.max_grad_norm)
         step += 1
         train_time += time.perf_counter() - started
         bar.update(1)
@@ -337,7 +224,7 @@ def run(config: RMConfig) -> dict:
         if config.eval_every and step % config.eval_every == 0 and eval_rows:
             metrics_log.log(step, evaluate(accelerator.unwrap_model(model), eval_rows, pad_id, device, share=share))
         if config.save_every and step % config.save_every == 0 and step < steps:
-            last_checkpoint = common.save_checkpoint(setup, config, step, order)
+            last_checkpoint = skeleton.save_checkpoint(setup, config, step, order)
     bar.close()
 
     # Save.
@@ -350,4 +237,4 @@ def run(config: RMConfig) -> dict:
                "train_pairs": seen_pairs, "train_time_s": train_time, "wall_time_s": timer.elapsed,
                "rows_read": stats.rows_read, "rows_used": stats.rows_used, "rows_skipped": stats.rows_skipped,
                "rows_truncated": truncated, "harden": config.harden, "lora": config.lora, "shared_prompt": share}
-    return common.finish(setup, summary)
+    return skeleton.finish(setup, summary)

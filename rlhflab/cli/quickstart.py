@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhflab.cli.main import main
 from rlhflab.config import opt
-from rlhflab.errors import UsageError
+from rlhflab.data.formats import load_prompts
+from rlhflab.evals.evaluate import EvalConfig, best_of_n, evaluate_models
+from rlhflab.evals.report import ReportConfig
+from rlhflab.evals.report import run as write_report
+from rlhflab.runs import atomic_write_json
 
 
 @dataclass
@@ -81,8 +85,6 @@ def steps(config: QuickstartConfig) -> list[tuple[str, list[str], Path]]:
 
 
 def run(config: QuickstartConfig) -> int:
-    from rlhflab.cli import main
-
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, args, done in steps(config):
@@ -97,9 +99,6 @@ def run(config: QuickstartConfig) -> int:
             return code
     results = evaluate(config)
     print(format_results(results))
-    from rlhflab.report import ReportConfig
-    from rlhflab.report import run as write_report
-    from rlhflab.runs import atomic_write_json
 
     atomic_write_json(out / "results.json", results)
     print(f"\nresults: {out / 'results.json'}")
@@ -109,8 +108,6 @@ def run(config: QuickstartConfig) -> int:
 
 def evaluate(config: QuickstartConfig) -> dict:
     """Every model on the held-out prompts (gold judge, RM score, win rate against SFT, KL to SFT), plus stage figures."""
-    from rlhflab.commands import load_prompts
-    from rlhflab.evaluate import EvalConfig, best_of_n, evaluate_models
 
     out, p = Path(config.out), PRESETS[config.preset]
     figures_path = out / "eval" / "figures.json"
@@ -126,7 +123,6 @@ def evaluate(config: QuickstartConfig) -> dict:
         models = evaluate_models(paths, prompts, eval_config, out / "eval")
         models["best-of-" + str(p["best_of"])] = best_of_n(str(out / "sft"), str(out / "rm"), prompts, p["best_of"],
                                                            eval_config, out / "eval")
-        from rlhflab.runs import atomic_write_json
 
         atomic_write_json(figures_path, models)
     results = {"models": models, "stages": {}}

@@ -14,10 +14,17 @@ import torch
 
 from rlhflab.data.formats import iter_raw_rows
 from rlhflab.errors import UsageError
-from rlhflab.models.loading import (build_fresh, count_parameters, fit_context, load_causal_lm, load_tokenizer,
-                                    save_model)
-from rlhflab.stages import common
-from rlhflab.stages.sft import train_next_token
+from rlhflab.models.loading import (
+    apply_lora,
+    build_fresh,
+    count_parameters,
+    fit_context,
+    load_causal_lm,
+    load_tokenizer,
+    save_model,
+)
+from rlhflab.train import skeleton
+from rlhflab.train.sft import train_next_token
 
 SAMPLE_PROMPTS = ("The capital of", "法国的首都", "12 plus 7", "Hello")
 
@@ -74,13 +81,12 @@ def run(config) -> dict:
     tokenizer_name = config.tokenizer or config.model
     if tokenizer_name is None:
         raise UsageError("training from scratch needs --tokenizer (see `rlhflab tokenizer train`)")
-    setup = common.prepare_stage(config)
+    setup = skeleton.prepare_stage(config)
     tokenizer = load_tokenizer(tokenizer_name, config.trust_remote_code, config.chat_template,
                                "--tokenizer" if config.tokenizer else "--model")
     if config.model:
         model = load_causal_lm(config.model, setup.placement, config.trust_remote_code, train_full=not config.lora)
         if config.lora:
-            from rlhflab.models.loading import apply_lora
 
             model = apply_lora(model, config)
     else:
@@ -106,4 +112,4 @@ def run(config) -> dict:
         **stats, "blocks_train": len(train), "blocks_eval": len(held_out), **count_parameters(trained_model),
         "samples": samples,
     }
-    return common.finish(setup, summary)
+    return skeleton.finish(setup, summary)

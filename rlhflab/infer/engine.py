@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhflab.data.template import encode_prompt, stop_token_ids
 from rlhflab.errors import NonFiniteError
 
 
@@ -220,8 +221,6 @@ def _concat(chunks: list[Generation], tokenizer) -> Generation:
 
 
 def generate_text(model, tokenizer, conversations: list[list[dict]], params: SamplingParams, **kw) -> Generation:
-    from rlhflab.data.template import encode_prompt
-
     prompts = [encode_prompt(tokenizer, messages) for messages in conversations]
     kw.setdefault("prompt_texts", [messages[-1]["content"] for messages in conversations])
     return generate(model, tokenizer, prompts, params, **kw)
@@ -232,3 +231,10 @@ def stream_chat(model, tokenizer, messages: list[dict], params: SamplingParams) 
     pieces: list[str] = []
     generate_text(model, tokenizer, [messages], params, on_text=pieces.append)
     yield from pieces
+
+
+def greedy_answers(model, tokenizer, records: list, max_new_tokens: int, batch_size: int) -> list[dict]:
+    params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=False,
+                            stop_token_ids=tuple(stop_token_ids(tokenizer)))
+    out = generate_text(model, tokenizer, [r.messages for r in records], params, batch_size=batch_size)
+    return [{"messages": r.messages, "response": text, "meta": r.meta} for r, text in zip(records, out.texts)]

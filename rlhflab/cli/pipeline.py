@@ -26,7 +26,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from rlhflab import config as cfg
+from rlhflab.cli.main import COMMANDS, _load, main, parse
 from rlhflab.config import opt
 from rlhflab.errors import UsageError
 
@@ -60,7 +63,6 @@ DIRECTORY_COMMANDS = ("world export", "tokenizer train", "rm export", "merge")
 
 def load_pipeline(path: str) -> list[Stage]:
     """Parse and validate a pipeline file; every stage's options are checked by its own config."""
-    from rlhflab.cli import COMMANDS, parse
 
     data = cfg.load_yaml(path, "the pipeline")
     unknown = sorted(set(data) - {"out", "stages"})
@@ -113,7 +115,6 @@ def load_pipeline(path: str) -> list[Stage]:
 
 def _changes(stage: Stage) -> str:
     """A note naming the options a finished stage ran with that this file now sets otherwise."""
-    import yaml
 
     try:
         ran = yaml.safe_load((stage.out / "config.yaml").read_text(encoding="utf-8")) or {}
@@ -127,8 +128,6 @@ def _changes(stage: Stage) -> str:
 
 
 def _config_class(command: str):
-    from rlhflab.cli import COMMANDS, _load
-
     return _load(COMMANDS[command][0])
 
 
@@ -150,8 +149,6 @@ def _resolve(value, dirs: dict[str, Path | None], where: str) -> str:
 
 
 def run(config: PipelineConfig) -> int:
-    from rlhflab.cli import main
-
     if not config.pipeline:
         raise UsageError("give the pipeline file: rlhflab run pipeline.yaml")
     stages = load_pipeline(config.pipeline)

@@ -9,13 +9,21 @@ Iterative DPO (`rlhflab dpo --rounds R`) runs the same two functions between its
 from __future__ import annotations
 
 import json
+import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlhflab.config import opt
-from rlhflab.runs import atomic_write_jsonl, refuse_a_directory
+from rlhflab.data.formats import load_prompts
+from rlhflab.data.template import stop_token_ids
 from rlhflab.errors import UsageError
+from rlhflab.infer.engine import SamplingParams, generate_text
+from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokenizer
+from rlhflab.rewards.model import load_reward_model, score_texts
+from rlhflab.runs import atomic_write_jsonl, refuse_a_directory
+from rlhflab.world import judge
+from rlhflab.world.preferences import perceived_scores
 
 
 @dataclass
@@ -81,8 +89,6 @@ def check_ranker(by: str, option: str) -> None:
 def sample_responses(model, tokenizer, records, k: int, max_new_tokens: int, temperature: float, top_p: float,
                      seed: int, batch_size: int = 32) -> list[dict]:
     """K sampled responses per prompt record, as rankings-shaped rows (unranked)."""
-    from rlhflab.data.template import stop_token_ids
-    from rlhflab.engine import SamplingParams, generate_text
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, do_sample=True,
                             min_new_tokens=1, stop_token_ids=tuple(stop_token_ids(tokenizer)), seed=seed)
@@ -96,10 +102,6 @@ def scorer(by: str, placement=None, option: str = "--by", seed: int = 0):
     """A function (rows) -> list of score lists, one per row, from 'judge', 'annotators' (the judge's
     scores through the world's annotator noise, seeded by `seed`) or 'rm:DIR' (given as `option`)."""
     if by in RANKERS:
-        import random
-
-        from rlhflab.world import judge
-        from rlhflab.world.preferences import perceived_scores
 
         def gold(row):
             judged = [judge(row["prompt"], text, row.get("meta")) for text in row["responses"]]
@@ -112,8 +114,6 @@ def scorer(by: str, placement=None, option: str = "--by", seed: int = 0):
             return lambda rows: [gold(row) for row in rows]
         rng = random.Random(f"annotators:{seed}")
         return lambda rows: [perceived_scores(gold(row), rng) for row in rows]
-    from rlhflab.models.loading import choose_placement
-    from rlhflab.stages.rm_model import load_reward_model, score_texts
 
     model, tokenizer = load_reward_model(by[3:], placement or choose_placement("auto", "auto"), option=option)
 
@@ -182,9 +182,6 @@ def read_rows(path: str) -> list[dict]:
 
 
 def sample_command(config: SampleConfig) -> int:
-    from rlhflab.commands import load_prompts
-    from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokenizer
-
     refuse_a_directory(config.out)
     records = load_prompts(config.prompts)
     if config.max_rows:
@@ -200,8 +197,6 @@ def sample_command(config: SampleConfig) -> int:
 
 
 def rank_command(config: RankConfig) -> int:
-    from rlhflab.models.loading import choose_placement
-
     refuse_a_directory(config.out)
     rows = read_rows(config.data)
     scores = scorer(config.by, choose_placement(config.device, config.dtype), seed=config.seed)(rows)

@@ -28,8 +28,15 @@ import torch
 
 from rlhflab import losses, runs
 from rlhflab.config import ModelOptions, TrainOptions, opt
+from rlhflab.data.formats import Record, load_records
+from rlhflab.data.template import encode_prompt, stop_token_ids, turn_end_ids
 from rlhflab.errors import UsageError
-from rlhflab.stages import common
+from rlhflab.infer.engine import SamplingParams, generate
+from rlhflab.rewards.model import load_reward_model, reads_policy_tokens, score_texts
+from rlhflab.train import skeleton
+from rlhflab.train.roles import active_adapter, base_weight_copies, load_judge_rm, load_roles, save_policy
+from rlhflab.train.sft import collate, encode_dataset, nll_sum
+from rlhflab.world import judge, probe_prompts
 
 
 @dataclass
@@ -155,8 +162,6 @@ class GoldSignal:
     prompts, or a second, held-out reward model (--judge-rm)."""
 
     def __init__(self, records, judge_rm=None, judge_text=None):
-        from rlhflab.world import judge
-
         self.judge, self.judge_rm, self.judge_text = judge, judge_rm, judge_text
         self.world = all(r.meta.get("family") for r in records)
 
@@ -202,9 +207,6 @@ class Alarm:
 @torch.no_grad()
 def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, moments,
             text_reward=None) -> tuple[Rollout, dict, list[str]]:
-    from rlhflab.data.template import encode_prompt, stop_token_ids
-    from rlhflab.engine import SamplingParams, generate
-    from rlhflab.stages.rl_roles import active_adapter
 
     prompts = [encode_prompt(tokenizer, r.messages)[-config.max_length:] for r in records]
     params = SamplingParams(max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
@@ -325,7 +327,7 @@ def update(roles, optimizer, accelerator, rollout: Rollout, config: RLConfig, kl
                     raise FloatingPointError("non-finite value loss")
                 accelerator.backward(loss + config.vf_coef * vf_loss if shared else config.vf_coef * vf_loss)
                 metrics.update(vf_metrics)
-            common.optimizer_step(accelerator, [p for g in optimizer.param_groups for p in g["params"]], optimizer,
+            skeleton.optimizer_step(accelerator, [p for g in optimizer.param_groups for p in g["params"]], optimizer,
                                   None, config.max_grad_norm)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
@@ -344,18 +346,12 @@ class PtxTerm:
     """PPO-ptx (InstructGPT): next-token loss on SFT data mixed into the policy update."""
 
     def __init__(self, path: str, tokenizer, config: RLConfig, device):
-        from rlhflab.data.formats import load_records
-        from rlhflab.stages.sft import encode_dataset
-
         records, _ = load_records(path, "sft", option="--ptx-data")
         self.examples, _ = encode_dataset(records, tokenizer, config.max_length)
         self.pad_id, self.device, self.size = tokenizer.pad_token_id, device, config.mini_batch
         self.rng = random.Random(config.seed)
 
     def loss(self, roles) -> torch.Tensor:
-        from rlhflab.stages.rl_roles import active_adapter
-        from rlhflab.stages.sft import collate, nll_sum
-
         batch = collate(self.rng.sample(self.examples, min(self.size, len(self.examples))), self.pad_id, self.device)
         with active_adapter(roles.lm, "default") if roles.lora else contextlib.nullcontext():
             total, n = nll_sum(roles.lm, batch)
@@ -369,8 +365,6 @@ class PtxTerm:
 def probe_records(records, world: bool) -> list:
     """A fixed set of prompts answered every --probe-every steps (toy-world probes when available)."""
     if world:
-        from rlhflab.data.formats import Record
-        from rlhflab.world import probe_prompts
 
         return [Record(p["messages"], meta=p["meta"]) for p in probe_prompts()]
     return records[:6]
@@ -379,9 +373,6 @@ def probe_records(records, world: bool) -> list:
 @torch.no_grad()
 def write_probes(path: Path, roles, tokenizer, probes, config: RLConfig, step: int, gold: GoldSignal,
                  text_reward=None) -> None:
-    from rlhflab.data.template import encode_prompt, stop_token_ids
-    from rlhflab.engine import SamplingParams, generate
-    from rlhflab.stages.rl_roles import active_adapter
 
     params = SamplingParams(max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
                             do_sample=False, stop_token_ids=tuple(stop_token_ids(tokenizer)))
@@ -400,15 +391,12 @@ def write_probes(path: Path, roles, tokenizer, probes, config: RLConfig, step: i
 def as_rendered(gen, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """Rollouts as a reward model reads them: where it was trained to, after the chat template's
     end-of-turn tokens (engine.Generation.rendered)."""
-    from rlhflab.data.template import stop_token_ids, turn_end_ids
 
     return gen.rendered(turn_end_ids(tokenizer), stop_token_ids(tokenizer), tokenizer.pad_token_id)
 
 
 def gold_signal(records, config: RLConfig, placement, tokenizer) -> GoldSignal:
     """The monitors' ground truth: the toy world's judge, or --judge-rm (any kind of reward model)."""
-    from rlhflab.stages.rl_roles import load_judge_rm
-    from rlhflab.stages.rm_model import reads_policy_tokens
 
     if not config.judge_rm:
         return GoldSignal(records)
@@ -419,7 +407,6 @@ def gold_signal(records, config: RLConfig, placement, tokenizer) -> GoldSignal:
 
 def text_scores(path: str, placement, config: RLConfig, option: str):
     """Scores of (record, answer text) pairs by the reward model at `path`, with its own tokenizer."""
-    from rlhflab.stages.rm_model import load_reward_model, score_texts
 
     model, tokenizer = load_reward_model(path, placement, config.trust_remote_code, option)
 
@@ -435,7 +422,6 @@ def text_reward(config: RLConfig, placement, tokenizer):
     other than the policy's; these re-read prompt and answer with their own tokenizer and chat
     template. None for a reward model that scores the policy's own tokens (on the shared base,
     under --lora)."""
-    from rlhflab.stages.rm_model import reads_policy_tokens
 
     if config.reward == JUDGE:
         return judge_scores
@@ -446,7 +432,6 @@ def text_reward(config: RLConfig, placement, tokenizer):
 
 def judge_scores(records, texts: list[str]) -> list[float]:
     """--reward judge: the toy world's gold score of each answer."""
-    from rlhflab.world import judge
 
     return [judge(r.messages, text, r.meta).score for r, text in zip(records, texts)]
 
@@ -462,15 +447,12 @@ def dump_nonfinite(out: Path, step: int, records, reason: str) -> None:
 
 
 def run(config: RLConfig) -> dict:
-    from rlhflab.data.formats import load_records
-    from rlhflab.stages.rl_roles import base_weight_copies, load_roles, save_policy
-
     # Load.
     records, stats = load_records(config.prompts, "prompts", option="--prompts", max_rows=config.max_rows)
     if config.reward == JUDGE and not GoldSignal(records).world:  # before anything is loaded or written
         raise UsageError(f"--reward judge scores answers with the toy world's judge, but {config.prompts} has "
                          "prompts without a toy-world meta.family (export them with `rlhflab world export`)")
-    setup = common.prepare_stage(config)
+    setup = skeleton.prepare_stage(config)
     roles, tokenizer, info = load_roles(config, setup.placement)
     reward_from_text = text_reward(config, setup.placement, tokenizer)
     if config.share_prompt and config.estimator != "gae" and config.n_samples > 1:
@@ -491,22 +473,22 @@ def run(config: RLConfig) -> dict:
     groups = [{"params": roles.trainable_parameters("policy"), "lr": config.lr}]
     if config.estimator == "gae":
         groups.append({"params": roles.trainable_parameters("critic"), "lr": config.critic_lr or config.lr})
-    optimizer = common.adamw(groups, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = common.make_scheduler(optimizer, config, config.max_steps)
-    common.checkpoint_activations(roles, config)
+    optimizer = skeleton.adamw(groups, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = skeleton.make_scheduler(optimizer, config, config.max_steps)
+    skeleton.checkpoint_activations(roles, config)
     roles, optimizer, scheduler = accelerator.prepare(roles, optimizer, scheduler)
     roles_module = accelerator.unwrap_model(roles)
     if config.lora:
-        common.checkpoint_trainable_only(accelerator)
+        skeleton.checkpoint_trainable_only(accelerator)
     kl_ctl = (losses.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target
               else losses.FixedKLController(config.kl_coef))
     moments = losses.RunningMoments()
-    order = common.BatchOrder([1] * len(records), config.rollout_prompts, config.seed, group_by_length=False)
+    order = skeleton.BatchOrder([1] * len(records), config.rollout_prompts, config.seed, group_by_length=False)
     ptx = PtxTerm(config.ptx_data, tokenizer, config, accelerator.device) if config.ptx_coef > 0 else None
-    metrics_log = common.start_outputs(setup, config)
+    metrics_log = skeleton.start_outputs(setup, config)
     step = 0
     if setup.resume_from:
-        step = common.restore_checkpoint(setup, order, strict=not config.lora)
+        step = skeleton.restore_checkpoint(setup, order, strict=not config.lora)
         kl_ctl.load_state_dict(setup.state["kl_controller"])
         moments.load_state_dict(setup.state["reward_moments"])
     samples_path = setup.out / "samples.jsonl"
@@ -517,7 +499,7 @@ def run(config: RLConfig) -> dict:
 
     # Loop.
     timer = runs.Timer()
-    bar = common.progress(config.max_steps, step, config.stage, config.progress and accelerator.is_main_process)
+    bar = skeleton.progress(config.max_steps, step, config.stage, config.progress and accelerator.is_main_process)
     while step < config.max_steps:
         started = time.perf_counter()
         batch_records = [records[i] for i in order.next() for _ in range(config.n_samples)]
@@ -556,7 +538,7 @@ def run(config: RLConfig) -> dict:
         if config.probe_every and (step % config.probe_every == 0 or step == config.max_steps):
             write_probes(samples_path, roles_module, tokenizer, probes, config, step, gold, reward_from_text)
         if config.save_every and step % config.save_every == 0 and step < config.max_steps:
-            last_checkpoint = common.save_checkpoint(setup, config, step, order, {
+            last_checkpoint = skeleton.save_checkpoint(setup, config, step, order, {
                 "kl_controller": kl_ctl.state_dict(), "reward_moments": moments.state_dict()})
     bar.close()
 
@@ -571,4 +553,4 @@ def run(config: RLConfig) -> dict:
                "alarms": alarms, "base_weight_copies": base_weight_copies(roles_module), "lora": config.lora,
                "prompts": len(records), "rows_read": stats.rows_read, "rows_skipped": stats.rows_skipped,
                "seconds_per_step": sum(r["step_time_s"] for r in history) / max(1, len(history))}
-    return common.finish(setup, summary)
+    return skeleton.finish(setup, summary)

@@ -11,31 +11,32 @@ import dataclasses
 import importlib
 import os
 import sys
+import warnings
 
 from rlhflab import config as cfg
 from rlhflab.errors import NonFiniteError, UsageError
 
 # command -> (config class path, function path, one-line description)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "quickstart": ("rlhflab.quickstart:QuickstartConfig", "rlhflab.quickstart:run", "the whole recipe on the toy world"),
-    "sft": ("rlhflab.config:SFTConfig", "rlhflab.stages.sft:run", "supervised fine-tuning (InstructGPT step 1)"),
-    "pretrain": ("rlhflab.config:PretrainConfig", "rlhflab.stages.pretrain:run", "next-token pretraining on raw text"),
+    "quickstart": ("rlhflab.cli.quickstart:QuickstartConfig", "rlhflab.cli.quickstart:run", "the whole recipe on the toy world"),
+    "sft": ("rlhflab.config:SFTConfig", "rlhflab.train.sft:run", "supervised fine-tuning (InstructGPT step 1)"),
+    "pretrain": ("rlhflab.config:PretrainConfig", "rlhflab.train.pretrain:run", "next-token pretraining on raw text"),
     "merge": ("rlhflab.config:MergeConfig", "rlhflab.models.loading:merge_command", "merge a LoRA adapter into its base"),
-    "tokenizer train": ("rlhflab.config:TokenizerTrainConfig", "rlhflab.commands:tokenizer_train", "train a byte-level BPE tokenizer"),
-    "world export": ("rlhflab.config:WorldExportConfig", "rlhflab.commands:world_export", "write the toy world's data files"),
-    "rm": ("rlhflab.stages.rm:RMConfig", "rlhflab.stages.rm:run", "reward model from preference pairs or K-way rankings"),
-    "rm score": ("rlhflab.stages.rm_audit:ScoreConfig", "rlhflab.stages.rm_audit:score_command", "score a file of responses with a reward model"),
-    "rm export": ("rlhflab.stages.rm_model:ExportConfig", "rlhflab.stages.rm_model:export_command", "write a reward model as a Hugging Face sequence classifier"),
-    "rm audit": ("rlhflab.stages.rm_audit:AuditConfig", "rlhflab.stages.rm_audit:run", "check a reward model for reward hacks"),
-    "ppo": ("rlhflab.stages.rl:RLConfig", "rlhflab.stages.rl:run", "RL against a reward model: PPO, GRPO, RLOO, REINFORCE++"),
-    "dpo": ("rlhflab.stages.dpo:DPOConfig", "rlhflab.stages.dpo:run", "DPO and its variants (ipo, cdpo, simpo, rpo), offline or in online rounds"),
-    "sample": ("rlhflab.stages.preference_data:SampleConfig", "rlhflab.stages.preference_data:sample_command", "sample K answers per prompt from a model"),
-    "rank": ("rlhflab.stages.preference_data:RankConfig", "rlhflab.stages.preference_data:rank_command", "rank sampled answers into pairs or rankings (judge or reward model)"),
-    "chat": ("rlhflab.chat:ChatConfig", "rlhflab.chat:run", "talk to a model, an adapter or a run's best policy"),
-    "report": ("rlhflab.report:ReportConfig", "rlhflab.report:run", "one self-contained HTML page of a run"),
-    "eval": ("rlhflab.evaluate:EvalConfig", "rlhflab.evaluate:run", "compare models: gold, RM score, win rate, length, diversity, KL"),
-    "run": ("rlhflab.pipeline:PipelineConfig", "rlhflab.pipeline:run", "run a pipeline of stages from a YAML file"),
-    "judge": ("rlhflab.config:JudgeConfig", "rlhflab.commands:judge", "score answers with the toy world's gold judge"),
+    "tokenizer train": ("rlhflab.config:TokenizerTrainConfig", "rlhflab.cli.tools:tokenizer_train", "train a byte-level BPE tokenizer"),
+    "world export": ("rlhflab.config:WorldExportConfig", "rlhflab.cli.tools:world_export", "write the toy world's data files"),
+    "rm": ("rlhflab.train.rm:RMConfig", "rlhflab.train.rm:run", "reward model from preference pairs or K-way rankings"),
+    "rm score": ("rlhflab.evals.audit:ScoreConfig", "rlhflab.evals.audit:score_command", "score a file of responses with a reward model"),
+    "rm export": ("rlhflab.rewards.model:ExportConfig", "rlhflab.rewards.model:export_command", "write a reward model as a Hugging Face sequence classifier"),
+    "rm audit": ("rlhflab.evals.audit:AuditConfig", "rlhflab.evals.audit:run", "check a reward model for reward hacks"),
+    "ppo": ("rlhflab.train.rl:RLConfig", "rlhflab.train.rl:run", "RL against a reward model: PPO, GRPO, RLOO, REINFORCE++"),
+    "dpo": ("rlhflab.train.dpo:DPOConfig", "rlhflab.train.dpo:run", "DPO and its variants (ipo, cdpo, simpo, rpo), offline or in online rounds"),
+    "sample": ("rlhflab.feedback.preferences:SampleConfig", "rlhflab.feedback.preferences:sample_command", "sample K answers per prompt from a model"),
+    "rank": ("rlhflab.feedback.preferences:RankConfig", "rlhflab.feedback.preferences:rank_command", "rank sampled answers into pairs or rankings (judge or reward model)"),
+    "chat": ("rlhflab.infer.chat:ChatConfig", "rlhflab.infer.chat:run", "talk to a model, an adapter or a run's best policy"),
+    "report": ("rlhflab.evals.report:ReportConfig", "rlhflab.evals.report:run", "one self-contained HTML page of a run"),
+    "eval": ("rlhflab.evals.evaluate:EvalConfig", "rlhflab.evals.evaluate:run", "compare models: gold, RM score, win rate, length, diversity, KL"),
+    "run": ("rlhflab.cli.pipeline:PipelineConfig", "rlhflab.cli.pipeline:run", "run a pipeline of stages from a YAML file"),
+    "judge": ("rlhflab.config:JudgeConfig", "rlhflab.evals.judge:judge", "score answers with the toy world's gold judge"),
 }
 
 # Commands whose first bare argument is an option's value: `rlhflab chat runs/quickstart`.
@@ -110,8 +111,6 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import warnings
-
     # peft asks transformers for a deprecated attribute on every adapter load; the notice is not the user's to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -17,7 +17,17 @@ from pathlib import Path
 import torch
 
 from rlhflab.config import opt
+from rlhflab.data.formats import load_prompts
+from rlhflab.data.template import stop_token_ids
 from rlhflab.errors import UsageError
+from rlhflab.feedback.preferences import sample_responses
+from rlhflab.infer.engine import SamplingParams, generate_text, greedy_answers
+from rlhflab.models.loading import _check_source, choose_placement, load_causal_lm, load_tokenizer
+from rlhflab.rewards.model import is_reward_model, load_reward_model, score_texts
+from rlhflab.runs import atomic_write_json, atomic_write_jsonl
+from rlhflab.train.roles import response_logprobs
+from rlhflab.world import judge
+from rlhflab.world.judge import FACETS
 
 
 @dataclass
@@ -98,8 +108,6 @@ def distinct_n(token_lists: list[list[int]], n: int) -> float:
 
 def gold_scores(records, texts: list[str]) -> dict | None:
     """Gold-judge mean and facets, or None when the prompts are not toy-world ones."""
-    from rlhflab.world import judge
-    from rlhflab.world.judge import FACETS
 
     if not any(r.meta.get("family") for r in records):
         return None
@@ -122,9 +130,6 @@ def answer_figures(records, texts: list[str], tokenizer) -> dict:
 @torch.no_grad()
 def entropy_and_kl(model, reference, tokenizer, records, config) -> dict:
     """One sampled answer per prompt: mean per-token entropy, and sum over tokens of log p - log p_ref."""
-    from rlhflab.data.template import stop_token_ids
-    from rlhflab.engine import SamplingParams, generate_text
-    from rlhflab.stages.rl_roles import response_logprobs
 
     params = SamplingParams(max_new_tokens=config.max_new_tokens, do_sample=True, seed=config.seed,
                             stop_token_ids=tuple(stop_token_ids(tokenizer)))
@@ -153,10 +158,6 @@ def entropy_and_kl(model, reference, tokenizer, records, config) -> dict:
 
 def evaluate_models(models: dict[str, str], records, config, answers_dir: Path | None = None) -> dict:
     """Figures per model (see the module docstring); answers written to answers_dir/NAME.jsonl."""
-    from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokenizer
-    from rlhflab.runs import atomic_write_jsonl
-    from rlhflab.stages.rm_model import load_reward_model, score_texts
-    from rlhflab.commands import greedy_answers
 
     placement = choose_placement(config.device, config.dtype)
     reference = load_causal_lm(config.reference, placement, config.trust_remote_code,
@@ -196,10 +197,6 @@ def evaluate_models(models: dict[str, str], records, config, answers_dir: Path |
 
 def best_of_n(policy: str, rm: str, records, n: int, config, answers_dir: Path | None = None) -> dict:
     """Sample n answers per prompt from `policy`, keep the one the reward model scores highest."""
-    from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokenizer
-    from rlhflab.runs import atomic_write_jsonl
-    from rlhflab.stages.preference_data import sample_responses
-    from rlhflab.stages.rm_model import load_reward_model, score_texts
 
     placement = choose_placement(config.device, config.dtype)
     model = load_causal_lm(policy, placement, config.trust_remote_code).eval()
@@ -241,12 +238,6 @@ def format_table(results: dict) -> str:
 
 
 def run(config: EvalConfig) -> int:
-    from rlhflab.commands import load_prompts
-    from rlhflab.runs import atomic_write_json
-
-    from rlhflab.models.loading import _check_source, load_tokenizer
-    from rlhflab.stages.rm_model import is_reward_model
-
     models = named_models(config.model)
     for path in models.values():   # every path, before any model runs
         _check_source(path, "--model")

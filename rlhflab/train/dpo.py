@@ -19,6 +19,7 @@ Dimensions: B pairs per micro-batch; the forward batch is 2B rows, chosen first.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import sys
 import time
@@ -26,13 +27,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
 
 from rlhflab import losses, runs
 from rlhflab.config import DataOptions, ModelOptions, TrainOptions, opt
-from rlhflab.data.formats import load_records
+from rlhflab.data.formats import Record, load_records
 from rlhflab.data.template import IGNORE_INDEX, encode_chat
 from rlhflab.errors import UsageError
-from rlhflab.stages import common
+from rlhflab.feedback.preferences import check_ranker, rank_rows, sample_responses, scorer
+from rlhflab.models.heads import answer_selection, causal_lm, logits_at, padding_mask_for
+from rlhflab.models.loading import (
+    adapter_base,
+    apply_lora,
+    is_adapter_dir,
+    load_causal_lm,
+    load_tokenizer,
+    resize_for_tokenizer,
+)
+from rlhflab.models.packing import pack_groups, packing_agrees
+from rlhflab.rewards.model import check_reward_model
+from rlhflab.train import skeleton
+from rlhflab.train.roles import active_adapter, clone_frozen, save_trained_policy
+from rlhflab.train.sft import collate
 
 
 @dataclass
@@ -75,7 +92,6 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
             raise UsageError("--rounds: must be at least 1")
         if (self.rounds > 1 or not self.data) and not self.prompts:
             raise UsageError("online rounds sample from the policy: give --prompts")
-        from rlhflab.stages.preference_data import check_ranker
 
         check_ranker(self.rank_by, "--rank-by")
         if self.k < 2:
@@ -127,8 +143,6 @@ def encode_pairs(records, tokenizer, max_length: int, from_rankings: str) -> tup
 def sequence_logps(model, pairs: list[dict], pad_id: int, device, packed: bool = False) -> tuple[torch.Tensor, ...]:
     """One forward pass over chosen + rejected: (chosen, rejected) summed log-probs and token counts, (B,).
     With `packed`, each pair is one row whose shared prompt runs once (packed_sequence_logps)."""
-    from rlhflab.models.heads import answer_selection, logits_at, padding_mask_for
-    from rlhflab.stages.sft import collate
 
     if packed:
         return packed_sequence_logps(model, pairs, pad_id, device)
@@ -149,8 +163,6 @@ def packed_sequence_logps(model, pairs: list[dict], pad_id: int, device) -> tupl
     """sequence_logps with chosen and rejected packed in one row (models/packing.py): the prompt
     tokens they share run once, and the last of them starts each answer's segment, so that its
     logits predict the answer's first token as they would in a row of its own."""
-    from rlhflab.models.heads import causal_lm, logits_at
-    from rlhflab.models.packing import pack_groups
 
     groups, prefixes = [], []
     for pair in pairs:
@@ -184,8 +196,6 @@ def packed_sequence_logps(model, pairs: list[dict], pad_id: int, device) -> tupl
 def packing_matches(model, pad_id: int, device, vocab_size: int) -> bool:
     """Whether packed pairs get the log-probs single rows get, on two made-up pairs (see
     models/packing.py for the models that cannot take it)."""
-    from rlhflab.models.heads import causal_lm
-    from rlhflab.models.packing import packing_agrees
 
     ids = torch.Generator().manual_seed(0)
     draw = lambda n: torch.randint(3, max(vocab_size, 4), (n,), generator=ids).tolist()  # noqa: E731
@@ -208,12 +218,6 @@ class PolicyAndReference:
     """The trainable policy and a way to get reference log-probs, with one base copy under LoRA."""
 
     def __init__(self, config, placement):
-        from peft import PeftModel
-
-        from rlhflab.models.loading import (adapter_base, apply_lora, is_adapter_dir, load_causal_lm,
-                                            load_tokenizer, resize_for_tokenizer)
-        from rlhflab.stages.rl_roles import clone_frozen
-
         self.config, self.placement = config, placement
         self.source = config.policy or config.model
         self.tokenizer = load_tokenizer(config.tokenizer or self.source, config.trust_remote_code,
@@ -246,7 +250,6 @@ class PolicyAndReference:
     @contextlib.contextmanager
     def reference(self, policy_untouched: bool):
         """A model that computes reference log-probs (no grad, eval mode) for the duration of the block."""
-        from rlhflab.stages.rl_roles import active_adapter
 
         was_training = self.model.training
         self.model.eval()
@@ -265,9 +268,6 @@ class PolicyAndReference:
             self.model.train(was_training)
 
     def _load_reference(self):
-        from rlhflab.models.loading import load_causal_lm, resize_for_tokenizer
-        from rlhflab.stages.rl_roles import clone_frozen
-
         model = load_causal_lm(self.source, self.placement, self.config.trust_remote_code, option="--policy")
         resize_for_tokenizer(model, self.tokenizer)
         return clone_frozen(model)
@@ -280,7 +280,6 @@ def reference_logps(policy: PolicyAndReference, pairs: list[dict], config, polic
     Only the pairs in `needed` (default: all) are computed — training for a few hundred steps on
     a large file visits a fraction of it; the others stay NaN.
     """
-    from safetensors.torch import load_file, save_file
 
     if config.loss == "simpo":  # reference-free
         zeros = torch.zeros(len(pairs))
@@ -295,7 +294,7 @@ def reference_logps(policy: PolicyAndReference, pairs: list[dict], config, polic
     # Chunks of similar length: chosen and rejected of a chunk are padded to its longest answer.
     by_length = sorted(needed, key=lambda i: max(len(pairs[i]["chosen"]["input_ids"]),
                                                  len(pairs[i]["rejected"]["input_ids"])))
-    bar = common.progress(len(needed), 0, "reference log-probs", show)
+    bar = skeleton.progress(len(needed), 0, "reference log-probs", show)
     with policy.reference(policy_untouched) as model:
         for start in range(0, len(by_length), size):
             chunk = by_length[start:start + size]
@@ -312,7 +311,7 @@ def reference_logps(policy: PolicyAndReference, pairs: list[dict], config, polic
     return out
 
 
-def planned_indices(order: common.BatchOrder, batches: int) -> list[int]:
+def planned_indices(order: skeleton.BatchOrder, batches: int) -> list[int]:
     """Every pair index that `batches` micro-batches of this (fresh) order will visit."""
     return sorted({i for _ in range(batches) for i in order.next()})
 
@@ -355,10 +354,6 @@ ROUND_OPTIONS = ("rank_by", "k", "round_prompts", "max_new_tokens", "temperature
 def round_pairs(policy: PolicyAndReference, config, round_no: int, prompts, out: Path) -> tuple[list, dict]:
     """Sample from the current policy, rank, and return pair records. A resumed run reuses the
     round's files when they were made with the same options (the policy that sampled them is gone)."""
-    import json
-
-    from rlhflab.data.formats import Record
-    from rlhflab.stages.preference_data import rank_rows, sample_responses, scorer
 
     folder = out / f"round-{round_no}"
     pairs_file, info_file = folder / "pairs.jsonl", folder / "round.json"
@@ -404,20 +399,19 @@ def run(config: DPOConfig) -> dict:
     # Load.
     records, stats, eval_records = [], None, []
     if config.data:
-        records, eval_records, stats = common.load_preferences(config)
+        records, eval_records, stats = skeleton.load_preferences(config)
     prompts = []
     if config.prompts:
         prompts, _ = load_records(config.prompts, "prompts", option="--prompts")
     online = config.rounds > 1 or not config.data
     if online and config.rank_by.startswith("rm:"):   # before round 1 trains
-        from rlhflab.stages.rm_model import check_reward_model
 
         check_reward_model(config.rank_by[3:], "--rank-by")
     if online and config.rank_by in ("judge", "annotators") and not all(p.meta.get("family") for p in prompts):
         raise UsageError(f"--rank-by {config.rank_by} ranks answers with the toy world's judge, but "
                          f"{config.prompts} has prompts without a toy-world meta.family: give --rank-by rm:DIR, "
                          "or world prompts")
-    setup = common.prepare_stage(config)
+    setup = skeleton.prepare_stage(config)
     policy = PolicyAndReference(config, setup.placement)
     tokenizer, device = policy.tokenizer, setup.placement.device
     pad_id = tokenizer.pad_token_id
@@ -426,7 +420,7 @@ def run(config: DPOConfig) -> dict:
         if not policy.packed:
             print("note: this model does not give packed pairs the log-probs of single rows (4D attention mask); "
                   "chosen and rejected each run with their own copy of the prompt", file=sys.stderr)
-    metrics_log = common.start_outputs(setup, config)
+    metrics_log = skeleton.start_outputs(setup, config)
     show = config.progress and setup.accelerator.is_main_process
     state = setup.state
     round_no = state.get("round", 1)
@@ -457,10 +451,10 @@ def run(config: DPOConfig) -> dict:
 
     def order_of(pairs):
         lengths = [len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in pairs]
-        return common.BatchOrder(lengths, config.batch_size, config.seed + round_no, config.group_by_length)
+        return skeleton.BatchOrder(lengths, config.batch_size, config.seed + round_no, config.group_by_length)
 
     pairs, enc_stats, round_info = items_of(round_no)
-    steps_per_round = state.get("steps_per_round") or common.total_steps(config, len(pairs))
+    steps_per_round = state.get("steps_per_round") or skeleton.total_steps(config, len(pairs))
     ref = reference_logps(policy, pairs, config, untouched, device,
                           setup.out / f"ref_logps_round{round_no}.safetensors", show,
                           planned_indices(order_of(pairs), steps_per_round * config.grad_accum))
@@ -468,21 +462,21 @@ def run(config: DPOConfig) -> dict:
 
     # Build.
     steps = steps_per_round * config.rounds
-    optimizer = common.make_optimizer(policy.model, config)
-    scheduler = common.make_scheduler(optimizer, config, steps)
+    optimizer = skeleton.make_optimizer(policy.model, config)
+    scheduler = skeleton.make_scheduler(optimizer, config, steps)
     accelerator = setup.accelerator
-    common.checkpoint_activations(policy.model, config)
+    skeleton.checkpoint_activations(policy.model, config)
     model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
     if config.lora:
-        common.checkpoint_trainable_only(accelerator)
+        skeleton.checkpoint_trainable_only(accelerator)
 
     order = order_of(pairs)
-    step = common.restore_checkpoint(setup, order, strict=not config.lora) if setup.resume_from else 0
+    step = skeleton.restore_checkpoint(setup, order, strict=not config.lora) if setup.resume_from else 0
 
     # Loop.
     timer, train_time, seen_pairs, warned = runs.Timer(), 0.0, 0, False
     model.train()
-    bar = common.progress(steps, step, f"dpo ({config.loss})", show)
+    bar = skeleton.progress(steps, step, f"dpo ({config.loss})", show)
     last_checkpoint, row, window = setup.resume_from, {}, []
     # A resumed run's summary covers the whole run: the rounds and pairs before the checkpoint too.
     rounds_log, pairs_before = list(state.get("rounds_log", [])), state.get("train_pairs", 0)
@@ -503,14 +497,14 @@ def run(config: DPOConfig) -> dict:
         started = time.perf_counter()
         micro_rows = []
         for _ in range(config.grad_accum):
-            indices = common.shard(order.next(), accelerator)
+            indices = skeleton.shard(order.next(), accelerator)
             loss, micro = pair_loss(model, pairs, ref, indices, config, pad_id, device, policy.packed)
-            common.check_finite(loss, "the DPO loss", step + 1, last_checkpoint)
+            skeleton.check_finite(loss, "the DPO loss", step + 1, last_checkpoint)
             accelerator.backward(loss / config.grad_accum)
             seen_pairs += len(indices)
             micro_rows.append({**micro, "pairs": float(len(indices))})
-        row = common.merge_micro_rows(micro_rows)
-        common.optimizer_step(accelerator, model.parameters(), optimizer, scheduler, config.max_grad_norm)
+        row = skeleton.merge_micro_rows(micro_rows)
+        skeleton.optimizer_step(accelerator, model.parameters(), optimizer, scheduler, config.max_grad_norm)
         step += 1
         train_time += time.perf_counter() - started
         window = (window + [row["logps/chosen_shift"]])[-config.log_every:]
@@ -527,7 +521,7 @@ def run(config: DPOConfig) -> dict:
         if config.eval_every and step % config.eval_every == 0 and eval_pairs:
             metrics_log.log(step, evaluate(model, eval_pairs, eval_ref, config, pad_id, device, policy.packed))
         if config.save_every and step % config.save_every == 0 and step < steps:
-            last_checkpoint = common.save_checkpoint(setup, config, step, order,
+            last_checkpoint = skeleton.save_checkpoint(setup, config, step, order,
                                                      {"round": round_no, "steps_per_round": steps_per_round,
                                                       "rounds_log": rounds_log,
                                                       "train_pairs": pairs_before + seen_pairs})
@@ -538,7 +532,6 @@ def run(config: DPOConfig) -> dict:
     unwrapped = accelerator.unwrap_model(model)
     figures = evaluate(unwrapped, eval_pairs, eval_ref, config, pad_id, device, policy.packed) if eval_pairs else {}
     if accelerator.is_main_process:
-        from rlhflab.stages.rl_roles import save_trained_policy
 
         save_trained_policy(unwrapped, tokenizer, setup.out, config.lora, policy.base_name)
     summary = {"stage": "dpo", "loss_type": config.loss, "beta": config.beta, "steps": step,
@@ -552,4 +545,4 @@ def run(config: DPOConfig) -> dict:
                    "precomputed" if config.precompute_ref else "live"),
                "rows_read": stats.rows_read if stats else 0, "rows_skipped": stats.rows_skipped if stats else 0,
                **enc_stats, "lora": config.lora, "chosen_drop_warning": warned}
-    return common.finish(setup, summary)
+    return skeleton.finish(setup, summary)

@@ -14,7 +14,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rlhflab.config import opt
+from rlhflab.data.template import encode_prompt, stop_token_ids
 from rlhflab.errors import UsageError
+from rlhflab.infer import engine
+from rlhflab.infer.engine import SamplingParams
+from rlhflab.models.loading import choose_placement, context_limit, load_causal_lm, load_tokenizer, resize_for_tokenizer
+from rlhflab.rewards.model import is_reward_model
 
 # Stages of a run directory whose output is a policy, best first.
 POLICY_STAGES = ("ppo", "grpo", "dpo", "sft", "pretrain")
@@ -66,7 +71,6 @@ def resolve_model(name: str) -> tuple[str, str]:
         if _looks_like_hub_id(name):
             return name, f"chatting with {name} (hub id)"
         raise UsageError(f"{name}: no such file or directory")
-    from rlhflab.stages.rm_model import is_reward_model
 
     if is_reward_model(str(path)):
         raise UsageError(f"{name} is a reward model: it scores answers but does not write them; "
@@ -101,8 +105,6 @@ def _best_policy(run_dir: Path) -> tuple[str, str]:
 
 
 def load(name: str, config: ChatConfig):
-    from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokenizer, resize_for_tokenizer
-
     placement = choose_placement(config.device, config.dtype)
     model = load_causal_lm(name, placement, config.trust_remote_code, option="--model").eval()
     tokenizer = load_tokenizer(name, config.trust_remote_code)
@@ -116,9 +118,6 @@ def load(name: str, config: ChatConfig):
 
 
 def sampling_params(config: ChatConfig, tokenizer, turn: int):
-    from rlhflab.data.template import stop_token_ids
-    from rlhflab.engine import SamplingParams
-
     return SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
                           do_sample=config.temperature > 0, stop_token_ids=tuple(stop_token_ids(tokenizer)),
                           seed=config.seed + turn)
@@ -129,7 +128,6 @@ def fit_context(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict
 
     Returns (messages, exchanges dropped, whether it fits); the last user message is never cut.
     """
-    from rlhflab.data.template import encode_prompt
 
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system):]
@@ -144,7 +142,6 @@ def fit_context(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict
 
 def answer(model, tokenizer, messages: list[dict], params, write: Callable[[str], None]) -> str:
     """Generate one answer, writing its text as it is produced; returns the whole answer."""
-    from rlhflab import engine
 
     generation = engine.generate_text(model, tokenizer, [messages], params, on_text=write)
     return generation.texts[0]
@@ -160,7 +157,6 @@ def chat_loop(model, tokenizer, config: ChatConfig, read_line: Callable[[str], s
 
     read_line(prompt) returns a line, or None at end of input; write(text) shows text at once.
     """
-    from rlhflab.models.loading import context_limit
 
     system = config.system
     history = fresh_history(system)

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 from rlhflab import config as cfg
 from rlhflab import runs
-from rlhflab.errors import UsageError
-from rlhflab.models.loading import Placement, choose_placement
+from rlhflab.data.formats import load_records
+from rlhflab.errors import NonFiniteError, UsageError
+from rlhflab.models.loading import Placement, choose_placement, enable_gradient_checkpointing
 
 
 def set_seed(seed: int) -> None:
@@ -37,7 +40,6 @@ class Setup:
 
 def prepare_stage(config) -> Setup:
     """Placement, accelerator, seed and the stage directory. Validates before touching disk."""
-    from accelerate import Accelerator
 
     placement = choose_placement(config.device, config.dtype)
     if config.release_memory and not runs.release_freed_memory():
@@ -77,7 +79,6 @@ def load_preferences(config) -> tuple[list, list, object]:
     The held-out set is --eval-data, or a seeded --eval-fraction of --data (at least one record
     when there are two or more; none with --eval-fraction 0).
     """
-    from rlhflab.data.formats import load_records
 
     records, stats = load_records(config.data, "preference", config.format, config.skip_bad_rows, config.max_rows)
     if config.eval_data:
@@ -146,7 +147,6 @@ def make_scheduler(optimizer, config, total_steps: int):
 def checkpoint_activations(model, config) -> None:
     """--gradient-checkpointing on the trainable models inside `model` (before accelerator.prepare)."""
     if config.gradient_checkpointing:
-        from rlhflab.models.loading import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
 
@@ -254,15 +254,12 @@ def restore_checkpoint(setup: Setup, order: BatchOrder, strict: bool = True) -> 
 
 
 def progress(total: int, initial: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
                 file=sys.stderr, mininterval=1.0)
 
 
 def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Path | None) -> None:
     if not torch.isfinite(value).all():
-        from rlhflab.errors import NonFiniteError
 
         where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
         raise NonFiniteError(f"{what} is {value.item()} at step {step}; stopped ({where})")

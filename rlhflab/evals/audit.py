@@ -1,4 +1,5 @@
-"""Auditing a reward model for the hacks that broke seed 001, and scoring files with it.
+"""Auditing a reward model for the hacks that break PPO (an RM that scores empty answers high), and
+scoring files with it.
 
 For each prompt the audit scores degenerate answers — empty, EOS only, whitespace, one token, a
 phrase repeated, the prompt copied back, the wrong language, an over-long ramble, generic filler —
@@ -12,37 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhflab.config import opt
+from rlhflab.data.formats import FORMAT_KINDS, detect_format, iter_raw_rows, load_records
 from rlhflab.errors import UsageError
+from rlhflab.models.loading import choose_placement
+from rlhflab.rewards.degenerate import KINDS, degenerate_answers
+from rlhflab.rewards.model import load_reward_model, score_texts
+from rlhflab.runs import atomic_write_json, atomic_write_jsonl, refuse_a_directory
 
 HACKABLE_SHARE = 0.05
-KINDS = ("empty", "eos_only", "whitespace", "one_token", "repeated", "prompt_copy", "wrong_language",
-         "ramble", "filler")
-
-
-def _is_chinese(text: str) -> bool:
-    return sum("\u4e00" <= ch <= "\u9fff" for ch in text) * 3 >= len(text.strip()) > 0
-
-
-def degenerate_answers(messages: list[dict], tokenizer, reference: str | None = None) -> dict[str, str]:
-    """The degenerate answers of every kind for one prompt (used by the audit and by --harden)."""
-    prompt = messages[-1]["content"]
-    zh = _is_chinese(prompt)
-    phrase = "好的,谢谢。" if zh else "thank you very much. "
-    ramble_unit = ("这个问题很有意思,我们可以从很多角度来看,总的来说情况比较复杂。" if zh else
-                   "This is an interesting question that can be seen from many angles, and overall it is complex. ")
-    start = (reference or prompt).strip()
-    one = tokenizer.decode(tokenizer(start, add_special_tokens=False)["input_ids"][:1]).strip() or "a"
-    return {
-        "empty": "",
-        "eos_only": tokenizer.eos_token or "",
-        "whitespace": "  \n ",
-        "one_token": one,
-        "repeated": phrase * 5,
-        "prompt_copy": prompt,
-        "wrong_language": ("This is a good question. Let me answer it." if zh else "这是一个好问题,我来回答。"),
-        "ramble": ((reference + " ") if reference else "") + ramble_unit * 3,
-        "filler": "好的" if zh else "Thanks!",
-    }
 
 
 @dataclass
@@ -65,15 +43,12 @@ class AuditConfig:
 def holds_preferences(path: str) -> bool:
     """Whether a file's first row is pairs or rankings (else conversations): its reader, chosen up
     front so that an error in a later row is reported by the right one."""
-    from rlhflab.data.formats import KINDS, detect_format, iter_raw_rows
 
     first = next(iter_raw_rows(path), (None, None))[1]
-    return detect_format(first, "preference") in KINDS["preference"]
+    return detect_format(first, "preference") in FORMAT_KINDS["preference"]
 
 
 def _references(config) -> list[tuple[list[dict], str]]:
-    from rlhflab.data.formats import load_records
-
     if config.reference and config.prompts:
         raise UsageError("give --prompts or --reference, not both (the --reference file holds its own prompts)")
     if config.reference:
@@ -93,8 +68,6 @@ def _references(config) -> list[tuple[list[dict], str]]:
 
 
 def audit(model, tokenizer, references) -> dict:
-    from rlhflab.stages.rm_model import score_texts
-
     conversations, kinds = [], []
     for messages, good in references:
         conversations.append(messages + [{"role": "assistant", "content": good}])
@@ -135,10 +108,6 @@ def format_report(report: dict) -> str:
 
 
 def run(config: AuditConfig) -> int:
-    from rlhflab.models.loading import choose_placement
-    from rlhflab.runs import atomic_write_json, refuse_a_directory
-    from rlhflab.stages.rm_model import load_reward_model
-
     if not config.model:
         raise UsageError("give --model (a reward model directory)")
     if config.out:
@@ -169,11 +138,6 @@ class ScoreConfig:
 
 
 def score_command(config: ScoreConfig) -> int:
-    from rlhflab.data.formats import load_records
-    from rlhflab.models.loading import choose_placement
-    from rlhflab.runs import atomic_write_jsonl, refuse_a_directory
-    from rlhflab.stages.rm_model import load_reward_model, score_texts
-
     if not config.model or not config.data:
         raise UsageError("give --model (a reward model) and --data (a file to score)")
     if config.out:

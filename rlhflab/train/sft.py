@@ -19,7 +19,7 @@ from rlhflab.data.template import IGNORE_INDEX, encode_chat
 from rlhflab.errors import UsageError
 from rlhflab.models.heads import answer_selection, logits_at, padding_mask_for
 from rlhflab.models.loading import count_parameters, load_for_training, save_model
-from rlhflab.stages import common
+from rlhflab.train import skeleton
 
 
 def encode_dataset(records, tokenizer, max_length: int) -> tuple[list[dict], dict]:
@@ -90,7 +90,7 @@ def run(config) -> dict:
     records, stats = load_records(config.data, "sft", config.format, config.skip_bad_rows,
                                   config.max_rows, config.hc3_answers)
     train_records, eval_records = split_eval(records, config)
-    setup = common.prepare_stage(config)
+    setup = skeleton.prepare_stage(config)
     model, tokenizer, base_name = load_for_training(config, setup.placement)
     train, encode_stats = encode_dataset(train_records, tokenizer, config.max_length)
     held_out, _ = encode_dataset(eval_records, tokenizer, config.max_length)
@@ -108,7 +108,7 @@ def run(config) -> dict:
         **encode_stats, **count_parameters(model), "lora": config.lora,
         "dtype": str(setup.placement.dtype).replace("torch.", ""),
     }
-    return common.finish(setup, summary)
+    return skeleton.finish(setup, summary)
 
 
 def train_next_token(config, setup, model, tokenizer, train: list[dict], held_out: list[dict]) -> dict:
@@ -116,18 +116,18 @@ def train_next_token(config, setup, model, tokenizer, train: list[dict], held_ou
 
     Returns the loop's figures and, under "model", the unwrapped trained model.
     """
-    steps = common.total_steps(config, len(train))
-    optimizer = common.make_optimizer(model, config)
-    scheduler = common.make_scheduler(optimizer, config, steps)
+    steps = skeleton.total_steps(config, len(train))
+    optimizer = skeleton.make_optimizer(model, config)
+    scheduler = skeleton.make_scheduler(optimizer, config, steps)
     accelerator = setup.accelerator
-    common.checkpoint_activations(model, config)
+    skeleton.checkpoint_activations(model, config)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if config.lora:
-        common.checkpoint_trainable_only(accelerator)
-    order = common.BatchOrder([len(e["input_ids"]) for e in train], config.batch_size * accelerator.num_processes,
+        skeleton.checkpoint_trainable_only(accelerator)
+    order = skeleton.BatchOrder([len(e["input_ids"]) for e in train], config.batch_size * accelerator.num_processes,
                               config.seed, config.group_by_length)
-    metrics = common.start_outputs(setup, config)
-    step = common.restore_checkpoint(setup, order, strict=not config.lora) if setup.resume_from else 0
+    metrics = skeleton.start_outputs(setup, config)
+    step = skeleton.restore_checkpoint(setup, order, strict=not config.lora) if setup.resume_from else 0
     tokens = setup.state.get("tokens", 0)
     last_checkpoint = setup.resume_from
     pad_id, device = tokenizer.pad_token_id, accelerator.device
@@ -136,10 +136,10 @@ def train_next_token(config, setup, model, tokenizer, train: list[dict], held_ou
     model.train()
     timer, train_time = runs.Timer(), 0.0
     loss_value = float("nan")
-    bar = common.progress(steps, step, config.stage, config.progress and accelerator.is_main_process)
+    bar = skeleton.progress(steps, step, config.stage, config.progress and accelerator.is_main_process)
     while step < steps:
         started = time.perf_counter()
-        micro = [collate([train[i] for i in common.shard(order.next(), accelerator)], pad_id, device)
+        micro = [collate([train[i] for i in skeleton.shard(order.next(), accelerator)], pad_id, device)
                  for _ in range(config.grad_accum)]
         n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         step_loss = 0.0
@@ -147,11 +147,11 @@ def train_next_token(config, setup, model, tokenizer, train: list[dict], held_ou
             sync = i == len(micro) - 1
             with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
                 loss_sum, _ = nll_sum(model, batch)
-                common.check_finite(loss_sum, "the training loss", step + 1, last_checkpoint)
+                skeleton.check_finite(loss_sum, "the training loss", step + 1, last_checkpoint)
                 accelerator.backward(loss_sum / max(n_labels, 1))
             step_loss += loss_sum.item()
             tokens += int(batch["attention_mask"].sum())
-        grad_norm = common.optimizer_step(accelerator, model.parameters(), optimizer, scheduler, config.max_grad_norm)
+        grad_norm = skeleton.optimizer_step(accelerator, model.parameters(), optimizer, scheduler, config.max_grad_norm)
         step += 1
         train_time += time.perf_counter() - started
         loss_value = step_loss / max(n_labels, 1)
@@ -166,7 +166,7 @@ def train_next_token(config, setup, model, tokenizer, train: list[dict], held_ou
         if config.eval_every and step % config.eval_every == 0 and held_out:
             metrics.log(step, {"eval_loss": evaluate(model, held_out, pad_id, device, config.batch_size)})
         if config.save_every and step % config.save_every == 0 and step < steps:
-            last_checkpoint = common.save_checkpoint(setup, config, step, order, {"tokens": tokens})
+            last_checkpoint = skeleton.save_checkpoint(setup, config, step, order, {"tokens": tokens})
     bar.close()
 
     eval_loss = evaluate(model, held_out, pad_id, device, config.batch_size) if held_out else None
