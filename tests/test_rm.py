@@ -10,7 +10,7 @@ from conftest import SAMPLES
 
 from rlhflab.cli.main import main
 from rlhflab.runs import read_metrics
-from rlhflab.train.rm import last_token_index
+from rlhflab.rewards.model import last_token_index
 
 
 def test_last_token_index_left_and_right_padding():
@@ -130,7 +130,7 @@ def test_missing_field_is_named(tmp_path, cli, tiny_model):
 
 
 def test_length_chunks_bound_the_padding_and_keep_every_index():
-    from rlhflab.train.rm import length_chunks
+    from rlhflab.rewards.model import length_chunks
 
     lengths = [5, 50, 6, 48, 7, 200, 5, 51]
     chunks = length_chunks(lengths, waste=0.15)
@@ -145,7 +145,7 @@ def test_chunked_scores_equal_one_padded_batch(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhflab.train.rm import RewardModel, pad_right, score_by_length
+    from rlhflab.rewards.model import RewardModel, pad_right, score_by_length
 
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_pretrained(str(tiny_model("llama")))
@@ -203,7 +203,7 @@ def test_a_long_prompt_is_cut_from_its_start_so_the_answer_is_still_scored(tiny_
 
     from rlhflab.models.loading import load_tokenizer
     from rlhflab.rewards.model import score_texts
-    from rlhflab.train.rm import RewardModel
+    from rlhflab.rewards.model import RewardModel
 
     tok = load_tokenizer(str(tiny_model("llama")))
     torch.manual_seed(0)

@@ -37,7 +37,7 @@ def test_pack_groups_layout():
 def test_shared_prompt_scores_equal_single_rows(arch, tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from rlhflab.train.rm import RewardModel, score_groups, sharing_matches
+    from rlhflab.rewards.model import RewardModel, score_groups, sharing_matches
 
     lm = AutoModelForCausalLM.from_pretrained(str(tiny_model(arch)))
     model = RewardModel(lm, lm.config.hidden_size).eval()
@@ -132,7 +132,7 @@ def test_dpo_training_with_and_without_packing_agrees(tiny_model, tmp_path):
 def test_models_with_a_sliding_window_are_not_packed(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from rlhflab.train.rm import RewardModel, sharing_matches
+    from rlhflab.rewards.model import RewardModel, sharing_matches
 
     lm = AutoModelForCausalLM.from_pretrained(str(tiny_model("qwen2")))
     model = RewardModel(lm, lm.config.hidden_size)
@@ -144,7 +144,7 @@ def test_models_with_a_sliding_window_are_not_packed(tiny_model):
 def test_score_texts_packs_answers_to_one_prompt(tiny_model, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import rlhflab.train.rm as rm
+    import rlhflab.rewards.model as rm
     from rlhflab.rewards.model import score_texts
 
     path = tiny_model("llama")

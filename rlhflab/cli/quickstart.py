@@ -1,24 +1,20 @@
 """`rlhflab quickstart`: the whole recipe on the embedded toy world, no download.
 
 world export -> tokenizer -> pretrain -> SFT -> reward model (+ audit) -> PPO -> DPO -> eval ->
-report, each stage in its own directory under --out. Every step is an ordinary `rlhflab`
-command, run as a user would run it; a step whose directory already holds its finished output is
-skipped, and an interrupted training stage resumes from its last checkpoint. The 1M-parameter
-toy model is fully fine-tuned for the reward model and PPO (a LoRA reward model on it reached
-only ~0.6 gold accuracy against ~0.74 for full fine-tuning at the same step count); DPO uses
-LoRA. The closing
-table compares base, SFT, PPO, DPO and best-of-n (SFT samples picked by the reward model) with
-the gold judge.
+report, each stage in its own directory under --out. The stages are the packaged recipe
+rlhflab/recipes/toy-world.yaml, run as `rlhflab run toy-world` runs it: every step an ordinary
+`rlhflab` command, a finished step skipped, an interrupted training stage resumed from its last
+checkpoint. The closing table compares base, SFT, PPO, DPO and best-of-n (SFT samples picked by
+the reward model) with the gold judge.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhflab.cli.main import main
+from rlhflab.cli.pipeline import Stage, find_pipeline, load_pipeline, pipeline_params, run_stages
 from rlhflab.config import opt
 from rlhflab.data.formats import load_prompts
 from rlhflab.evals.evaluate import EvalConfig, best_of_n, evaluate_models
@@ -40,88 +36,49 @@ class QuickstartConfig:
     progress: bool = opt(True, "show progress bars")
 
 
-# Per preset: world size, tokenizer vocab, pretraining steps, and each stage's steps.
-PRESETS = {
-    "tiny": dict(world="small", vocab=600, model="tiny", block=64, pretrain_steps=30, sft_steps=30,
-                 rm_steps=10, rm_batch=4, ppo_steps=2, dpo_steps=10, eval_prompts=24, best_of=2),
-    "default": dict(world="default", vocab=2048, model="tiny", block=128, pretrain_steps=1000, sft_steps=600,
-                    rm_steps=300, rm_batch=8, ppo_steps=40, dpo_steps=600, eval_prompts=200, best_of=8),
-}
+RECIPE = "toy-world"   # rlhflab/recipes/toy-world.yaml: the stages, their options and the presets
 
 
-def steps(config: QuickstartConfig) -> list[tuple[str, list[str], Path]]:
-    """(name, rlhflab arguments, file whose existence means the step is done)."""
-    p, out, seed = PRESETS[config.preset], Path(config.out), str(config.seed)
-    world, tok = out / "world", out / "tokenizer"
-    common = ["--seed", seed, "--progress", str(config.progress).lower(), "--save-every", "50",
-              "--resume", "auto", "--log-every", "10"]
-    return [
-        ("world", ["world", "export", "--out", str(world), "--size", p["world"], "--seed", seed,
-                   "--habit-rate", str(config.habit_rate)],
-         world / "manifest.json"),
-        ("tokenizer", ["tokenizer", "train", "--corpus", f"{world / 'corpus.txt'},{world / 'sft.jsonl'}",
-                       "--vocab-size", str(p["vocab"]), "--out", str(tok)], tok / "tokenizer.json"),
-        ("pretrain", ["pretrain", "--preset", p["model"], "--tokenizer", str(tok), "--data", str(world / "corpus.txt"),
-                      "--out", str(out / "pretrain"), "--max-length", str(p["block"]), "--batch-size", "16",
-                      "--lr", "2e-3", "--max-steps", str(p["pretrain_steps"]), "--warmup-ratio", "0.02", *common],
-         out / "pretrain" / "summary.json"),
-        ("sft", ["sft", "--model", str(out / "pretrain"), "--data", str(world / "sft.jsonl"), "--out", str(out / "sft"),
-                 "--max-length", "256", "--batch-size", "16", "--lr", "1e-3", "--max-steps", str(p["sft_steps"]),
-                 *common], out / "sft" / "summary.json"),
-        ("rm", ["rm", "--model", str(out / "sft"), "--data", str(world / "rankings.jsonl"), "--loss", "ranking",
-                "--harden", "--out", str(out / "rm"), "--batch-size", str(p["rm_batch"]), "--lr", "1e-3",
-                "--max-steps", str(p["rm_steps"]), *common],
-         out / "rm" / "summary.json"),
-        ("audit", ["rm", "audit", "--model", str(out / "rm"), "--prompts", str(world / "eval_prompts.jsonl"),
-                   "--max-rows", "100"], out / "rm" / "audit.json"),
-        ("ppo", ["ppo", "--policy", str(out / "sft"), "--reward", str(out / "rm"), "--prompts",
-                 str(world / "prompts.jsonl"), "--out", str(out / "ppo"), "--max-steps", str(p["ppo_steps"]),
-                 "--lr", "1e-4", "--kl-coef", "0.2", "--rollout-prompts", "32", "--mini-batch", "16",
-                 *common[:-2], "--log-every", "1", "--probe-every", "10"], out / "ppo" / "summary.json"),
-        ("dpo", ["dpo", "--policy", str(out / "sft"), "--lora", "--lora-r", "32", "--lora-alpha", "64",
-                 "--data", str(world / "prefs.jsonl"), "--out", str(out / "dpo"), "--max-steps", str(p["dpo_steps"]),
-                 "--loss", "rpo", "--lr", "5e-4", "--batch-size", "8", *common], out / "dpo" / "summary.json"),
-    ]
+def recipe(config: QuickstartConfig) -> tuple[list[Stage], dict]:
+    """The packaged recipe's stages and parameters, with this command's options applied."""
+    path = find_pipeline(RECIPE)
+    preset = None if config.preset == "default" else config.preset
+    overrides = {"seed": config.seed, "habit_rate": config.habit_rate, "progress": config.progress}
+    return load_pipeline(path, preset, overrides, config.out), pipeline_params(path, preset, overrides)
 
 
 def run(config: QuickstartConfig) -> int:
+    stages, params = recipe(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, args, done in steps(config):
-        if done.exists():
-            print(f"== {name}: done already ({done.parent}), skipped", file=sys.stderr)
-            continue
-        print(f"== {name}: rlhflab {' '.join(args)}", file=sys.stderr)
-        code = main(args)
-        if code != 0:
-            print(f"quickstart: stage {name} failed (exit {code}); fix it and run the same command again to "
-                  "continue from here", file=sys.stderr)
-            return code
-    results = evaluate(config)
+    code = run_stages(stages)
+    if code != 0:
+        return code
+    results = evaluate(config, params)
     print(format_results(results))
-
     atomic_write_json(out / "results.json", results)
     print(f"\nresults: {out / 'results.json'}")
     write_report(ReportConfig(run_dir=str(out)))
     return 0
 
 
-def evaluate(config: QuickstartConfig) -> dict:
+def evaluate(config: QuickstartConfig, params: dict) -> dict:
     """Every model on the held-out prompts (gold judge, RM score, win rate against SFT, KL to SFT), plus stage figures."""
 
-    out, p = Path(config.out), PRESETS[config.preset]
+    out = Path(config.out)
     figures_path = out / "eval" / "figures.json"
     if figures_path.exists():
         models = json.loads(figures_path.read_text(encoding="utf-8"))
     else:
-        prompts = load_prompts(str(out / "world" / "eval_prompts.jsonl"))[: p["eval_prompts"]]
+        prompts = load_prompts(str(out / "world" / "eval_prompts.jsonl"))[: int(params["eval_prompts"])]
         paths = {"base" if name == "pretrain" else name: str(out / name)
                  for name in ("pretrain", "sft", "ppo", "dpo") if (out / name / "summary.json").exists()}
         eval_config = EvalConfig(model=",".join(f"{k}={v}" for k, v in paths.items()), prompts="",
                                  judge=f"rm:{out / 'rm'}", reference=str(out / "sft"), baseline=str(out / "sft"),
                                  seed=config.seed)
         models = evaluate_models(paths, prompts, eval_config, out / "eval")
-        models["best-of-" + str(p["best_of"])] = best_of_n(str(out / "sft"), str(out / "rm"), prompts, p["best_of"],
+        models["best-of-" + str(params["best_of"])] = best_of_n(str(out / "sft"), str(out / "rm"), prompts,
+                                                                int(params["best_of"]),
                                                            eval_config, out / "eval")
 
         atomic_write_json(figures_path, models)
