@@ -6,7 +6,7 @@ import pytest
 from conftest import SAMPLES
 
 from rlhflab import config as cfg
-from rlhflab.cli.main import COMMANDS, main, parse
+from rlhflab.cli.main import COMMANDS, _load, main, parse
 from rlhflab.errors import UsageError
 
 
@@ -51,6 +51,36 @@ def test_yaml_then_cli_override_and_unknown_yaml_key(tmp_path):
     bad.write_text("lr: 0.001\nwarmup_ration: 0.1\n")
     with pytest.raises(UsageError, match=r"bad.yaml: unknown key 'warmup_ration'.*did you mean 'warmup_ratio'"):
         parse("sft", ["--config", str(bad)])
+
+
+def test_an_old_option_name_still_works_with_a_one_line_note(tmp_path, capsys):
+    """`ppo --judge-rm` and `eval --judge rm:DIR` are now --eval-reward-model and --reward-model
+    ("judge" is the toy world's gold judge only); the old spellings map onto the new options."""
+    ppo = ["--policy", "p", "--reward", "r", "--prompts", "x"]
+    old = parse("ppo", [*ppo, "--judge-rm", "held-out-rm"])
+    assert old == parse("ppo", [*ppo, "--eval-reward-model", "held-out-rm"]) and old.eval_reward_model == "held-out-rm"
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == ["note: --judge-rm is deprecated; use --eval-reward-model"]
+    assert parse("eval", ["--model", "m", "--prompts", "p", "--judge", "rm:dir"]).reward_model == "dir"
+    assert "note: --judge is deprecated; use --reward-model (--judge rm:dir is --reward-model dir)" in capsys.readouterr().err
+    old_yaml = tmp_path / "old.yaml"
+    old_yaml.write_text("judge: rm:dir\n")
+    assert parse("eval", ["--config", str(old_yaml), "--model", "m", "--prompts", "p"]).reward_model == "dir"
+    with pytest.raises(UsageError, match="--judge 'dir': expected rm:DIR"):
+        parse("eval", ["--model", "m", "--prompts", "p", "--judge", "dir"])
+    with pytest.raises(UsageError, match="--judge-rm .* is the old name of --eval-reward-model"):
+        parse("ppo", [*ppo, "--judge-rm", "a", "--eval-reward-model", "b"])
+    with pytest.raises(SystemExit):
+        main(["ppo", "--help"])
+    assert "(old name, deprecated: --judge-rm)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_deprecated_alias_names_an_option_of_its_command():
+    for command, (config_path, _, _) in COMMANDS.items():
+        config_cls = _load(config_path)
+        names = {f.name for f in cfg.fields_of(config_cls)}
+        for old, alias in getattr(config_cls, "deprecated_aliases", {}).items():
+            assert alias.to in names and old not in names, (command, old)
 
 
 def test_every_command_parses_its_defaults_or_names_what_is_missing():
@@ -143,3 +173,16 @@ def test_rm_audit_takes_prompts_or_a_reference_file_not_both(tiny_model, tmp_pat
                  "--reference", str(SAMPLES / "pairs.jsonl"), "--out", str(tmp_path / "a.json")]) == 2
     assert "give --prompts or --reference, not both" in capsys.readouterr().err
     assert not (tmp_path / "a.json").exists()
+
+
+def test_help_text_holds_no_internal_references(capsys):
+    """--help is for users: no source-article numbers, issue numbers or commit hashes."""
+    import re
+
+    internal = re.compile(r"seed 0\d\d|issue #?\d|DESIGN|\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}\b")
+    for command in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([*command.split(), "--help"])
+        text = capsys.readouterr().out
+        assert "usage: rlhflab" in text, command
+        assert not internal.search(text), (command, internal.search(text).group(0))

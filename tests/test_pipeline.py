@@ -112,3 +112,50 @@ stages:
     (tmp_path / "q.yaml").write_text("stages:\n  - command: sft\n    options: {model: [a, b], data: x.jsonl}\n")
     with pytest.raises(UsageError, match="takes one value, got a list"):
         load_pipeline(str(tmp_path / "q.yaml"))
+
+
+def test_parameters_presets_and_settings_fill_the_options(tmp_path):
+    (tmp_path / "p.yaml").write_text("""out: run
+params: {seed: 0, steps: 100, lora: false}
+presets:
+  small: {steps: 5}
+training_defaults: {seed: "${seed}", save_every: 7}
+stages:
+  - name: world
+    command: world export
+    done: "{world}/manifest.json"
+    options: {seed: "${seed}", size: small}
+  - command: sft
+    options: {model: m, data: "{world}/sft.jsonl", max_steps: "${steps}", lora: "${lora}", log_every: 3}
+""")
+    path = str(tmp_path / "p.yaml")
+    stages = {s.name: s for s in load_pipeline(path)}
+    assert stages["sft"].options["max_steps"] == 100 and stages["sft"].options["save_every"] == 7
+    assert stages["sft"].options["lora"] is False and stages["sft"].done == Path("run") / "sft" / "summary.json"
+    assert stages["world"].done == Path("run") / "world" / "manifest.json"
+    assert "--save-every" not in stages["world"].argv, "training defaults go to training stages only"
+    stages = {s.name: s for s in load_pipeline(path, "small", {"seed": "4", "lora": True}, str(tmp_path / "o"))}
+    assert stages["sft"].options["max_steps"] == 5 and stages["sft"].options["seed"] == 4
+    assert stages["sft"].options["lora"] is True and stages["world"].options["seed"] == 4
+    assert stages["sft"].out == tmp_path / "o" / "sft"
+    with pytest.raises(UsageError, match="--set: unknown parameter 'sed'.*did you mean 'seed'"):
+        load_pipeline(path, overrides={"sed": 1})
+    with pytest.raises(UsageError, match="--preset big: .* no such preset .*small"):
+        load_pipeline(path, "big")
+    (tmp_path / "q.yaml").write_text("stages:\n  - command: sft\n    options: {model: m, data: d, lr: '${rate}'}\n")
+    with pytest.raises(UsageError, match=r"option lr: \$\{rate\} is no parameter of this file"):
+        load_pipeline(str(tmp_path / "q.yaml"))
+
+
+def test_the_packaged_recipe_runs_by_name_with_a_preset_and_settings(capsys):
+    assert main(["run", "toy-world", "--preset", "tiny", "--set", "seed=3", "--set", "habit_rate=0.6",
+                 "--out", "somewhere", "--dry-run"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in printed] == ["world", "tokenizer", "pretrain", "sft", "rm", "rm", "ppo", "dpo"]
+    assert "--size small --seed 3 --habit-rate 0.6 --out somewhere/world" in printed[0]
+    assert all("--seed 3" in line for line in printed[2:] if " audit " not in line)
+    assert "--max-steps 30" in printed[3] and "--resume auto" in printed[3]
+    assert main(["run", "toy-wrld", "--dry-run"]) == 2
+    assert "no packaged recipe of that name (packaged: toy-world)" in capsys.readouterr().err
+    assert main(["run", "toy-world", "--set", "seed", "--dry-run"]) == 2
+    assert "--set seed: expected name=value" in capsys.readouterr().err
