@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make quickstart   the whole recipe on the embedded toy world (no download)
-#   make test         the test suite
+#   make test         the layering check (import-linter), then the test suite
 # Both create/reuse .venv and install what they need (pinned by constraints.txt).
 
 VENV ?= .venv
@@ -22,6 +22,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/rlhflab quickstart --preset $(PRESET)
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest
 
 bench: $(STAMP)
