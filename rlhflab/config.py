@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,13 +23,23 @@ from rlhflab.errors import UsageError
 from rlhflab.runs import atomic_write_text
 
 
-def opt(default, help: str, choices: tuple | None = None, repeatable: bool = False):
-    """A config field with its help text (and allowed values). A repeatable option may be given
-    several times on the command line; its values are joined with commas."""
+def opt(default, help: str, choices: Collection | None = None, repeatable: bool = False):
+    """A config field with its help text (and allowed values: a tuple, or a table whose keys are
+    read each time, as --estimator's losses.ESTIMATORS). A repeatable option may be given several
+    times on the command line; its values are joined with commas."""
     meta = {"help": help, "choices": choices, "repeatable": repeatable}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Renamed:
+    """An option's old name, still accepted with a one-line deprecation note on stderr. A config
+    class lists its own: `deprecated_aliases = {"judge_rm": Renamed("eval_reward_model")}`."""
+
+    to: str                                     # the field it sets now
+    value: Callable[[str], str] | None = None   # a value written the old way -> the new option's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,9 +49,6 @@ def opt(default, help: str, choices: tuple | None = None, repeatable: bool = Fal
 @dataclass
 class ModelOptions:
     model: str | None = opt(None, "model: a local directory (HF model or peft adapter) or a hub id")
-    init_config: str | None = opt(
-        None, "build a fresh, randomly initialised model from this config.json (or a preset name)"
-    )
     tokenizer: str | None = opt(None, "tokenizer directory or hub id (default: the model's)")
     trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
     device: str = opt("auto", "where to train: auto picks CUDA when present", ("auto", "cpu", "cuda"))
@@ -47,16 +56,32 @@ class ModelOptions:
         "auto", "weights dtype: auto = bf16 on CUDA that supports it, else fp32",
         ("auto", "fp32", "bf16", "fp16"),
     )
-    lora: bool = opt(False, "train a LoRA adapter instead of all weights")
+    lora: bool = opt(False, "train a LoRA adapter instead of all weights; on an adapter directory, keep training "
+                            "that adapter (its own rank and targets)")
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = opt(0.0, "dropout on the LoRA input")
     lora_target: str = opt("all-linear", "modules that get adapters: all-linear or comma-separated names")
-    qlora: bool = opt(False, "load the base in 4-bit (needs CUDA and bitsandbytes); implies --lora")
+    qlora: bool = opt(False, "with --lora: hold the frozen base in 4-bit NF4 (QLoRA; needs the bitsandbytes "
+                             "package, CUDA or CPU)")
     chat_template: str = opt(
         "auto", "auto: the tokenizer's own template, or rlhflab's ChatML default when it has none",
         ("auto", "default"),
     )
+
+    @property
+    def lora_targets(self) -> str | list[str]:
+        """--lora-target as peft takes it: "all-linear", or a list of module names."""
+        if self.lora_target == "all-linear":
+            return "all-linear"
+        return [name.strip() for name in self.lora_target.split(",")]
+
+    def check_model_options(self) -> None:
+        if self.qlora and not self.lora:
+            raise UsageError("--qlora trains a LoRA adapter on a 4-bit base: give --lora with it")
+        if self.lora_targets != "all-linear" and not all(self.lora_targets):
+            raise UsageError(f"--lora-target {self.lora_target!r}: expected all-linear or comma-separated module "
+                             "names, e.g. q_proj,v_proj")
 
 
 @dataclass
@@ -69,7 +94,8 @@ class DataOptions:
     )
     hc3_answers: str = opt("chatgpt", "hc3 format: which answers to train on", ("chatgpt", "human", "both"))
     eval_data: str | None = opt(None, "held-out data file (default: a split of --data)")
-    eval_fraction: float = opt(0.05, "share of --data held out for evaluation when --eval-data is absent")
+    eval_fraction: float = opt(0.05, "share of --data held out for evaluation when --eval-data is absent: a "
+                                     "seeded draw of max(1, int(rows x fraction)) rows, none with 0 (pretrain: blocks)")
     max_rows: int = opt(0, "use at most this many rows of --data (0 = all)")
     skip_bad_rows: bool = opt(False, "skip malformed rows (counted in summary.json) instead of failing")
     max_length: int = opt(512, "longest sequence in tokens; longer rows are truncated (and counted)")
@@ -82,7 +108,8 @@ class TrainOptions:
     seed: int = opt(0, "random seed for initialisation, data order and dropout")
     epochs: float = opt(1.0, "passes over the training data (ignored when --max-steps > 0)")
     max_steps: int = opt(0, "optimizer steps to run (0 = derive from --epochs)")
-    batch_size: int = opt(8, "rows per micro-batch")
+    batch_size: int = opt(8, "rows per micro-batch, counted over all processes (each takes its share); "
+                             "a step trains on --batch-size x --grad-accum rows")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     lr: float = opt(2e-4, "peak learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -114,6 +141,9 @@ class SFTConfig(ModelOptions, DataOptions, TrainOptions):
     """Supervised fine-tuning: next-token loss on assistant turns only."""
 
     stage = "sft"
+    init_config: str | None = opt(
+        None, "build a fresh, randomly initialised model from this config.json (or a preset name)"
+    )
 
 
 @dataclass
@@ -121,6 +151,9 @@ class PretrainConfig(ModelOptions, DataOptions, TrainOptions):
     """Next-token prediction on raw text packed into fixed blocks."""
 
     stage = "pretrain"
+    init_config: str | None = opt(
+        None, "build a fresh, randomly initialised model from this config.json (or a preset name)"
+    )
     preset: str | None = opt(None, "fresh Llama of a named size (tiny ~2M, small ~8M parameters)", (None, "tiny", "small"))
     text_field: str = opt("text", "field holding the text in .jsonl input")
     samples: int = opt(3, "greedy continuations written to summary.json at the end")
@@ -217,6 +250,8 @@ def build(cls, yaml_values: dict, cli_values: dict, yaml_path: str | None = None
     """Defaults < YAML < CLI, converted and validated."""
     names = [f.name for f in fields_of(cls)]
     values = {}
+    yaml_values = renamed(cls, yaml_values, f"in {yaml_path}")
+    cli_values = renamed(cls, cli_values, where)
     for key, value in yaml_values.items():
         name = str(key).replace("-", "_")
         if name not in names:
@@ -230,6 +265,26 @@ def build(cls, yaml_values: dict, cli_values: dict, yaml_path: str | None = None
     config = cls(**values)
     validate(config)
     return config
+
+
+def renamed(cls, given: dict, where: str) -> dict:
+    """`given` (option name -> value) with each of the class's deprecated aliases replaced by the
+    option it is now, and a one-line note on stderr for each."""
+    aliases = getattr(cls, "deprecated_aliases", {})
+    out = {}
+    for key, value in given.items():
+        alias = aliases.get(str(key).replace("-", "_"))
+        if alias is None:
+            out[key] = value
+            continue
+        old, new = "--" + str(key).replace("_", "-"), "--" + alias.to.replace("_", "-")
+        if any(str(k).replace("-", "_") == alias.to for k in given):
+            raise UsageError(f"{old} ({where}) is the old name of {new}: give only {new}")
+        now = alias.value(value) if alias.value is not None and isinstance(value, str) else value
+        print(f"note: {old} is deprecated; use {new}" + (f" ({old} {value} is {new} {now})" if now != value else ""),
+              file=sys.stderr)
+        out[alias.to] = now
+    return out
 
 
 def validate(config) -> None:
@@ -252,6 +307,8 @@ def validate(config) -> None:
     for name in ("warmup_ratio", "eval_fraction"):
         if hasattr(config, name) and not 0 <= getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: must be in [0, 1), got {getattr(config, name)}")
+    if isinstance(config, ModelOptions):
+        config.check_model_options()
     check = getattr(config, "check", None)
     if check:
         check()

@@ -13,6 +13,8 @@ Masks are (B, T), 1 on real response tokens, 0 on padding.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1.0)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) position of the last 1 in each row of a mask, left- or right-padded. A row without one
+    is a bug upstream (a score would be read at a pad position), so it raises."""
+    last = mask.shape[1] - 1 - mask.long().flip(-1).argmax(-1)
+    if not bool(mask.gather(1, last[:, None]).bool().all()):
+        raise AssertionError("a row has no real token: the score would be read at a pad position")
+    return last
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -253,10 +264,6 @@ def kl_penalty(logprobs, ref_logprobs, kind: str = "k1", clamp: float = 10.0) ->
     raise ValueError(f"unknown KL estimator {kind!r}: k1, k2, k3, abs")
 
 
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last 1 in each row of a right-padded mask (0 for an empty row)."""
-    lengths = mask.long().sum(-1)
-    return (lengths - 1).clamp(min=0)
 
 
 def token_rewards(score, kl, mask, kl_coef: float) -> torch.Tensor:
@@ -302,6 +309,64 @@ def reinforce_pp_advantages(token_rewards, mask, gamma: float = 1.0) -> torch.Te
 def broadcast_to_tokens(advantages, mask) -> torch.Tensor:
     """(B,) sequence advantages -> (B, T) on real tokens."""
     return advantages.float()[:, None] * mask.to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimators of `rlhflab ppo --estimator`, and what each needs from the RL loop, in one table.
+# The loop asks a row, never a name: a new estimator is one function, one row and its test.
+
+
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """What an estimator gets from a scored rollout (G samples per prompt, groups contiguous)."""
+
+    scores: torch.Tensor          # (B,) sequence scores (normalised, clipped)
+    kl: torch.Tensor              # (B, T) per-token KL penalty; zeros when the KL is a loss term
+    mask: torch.Tensor            # (B, T)
+    kl_coef: float                # beta
+    group: int                    # G
+    gamma: float
+    lam: float
+    values: torch.Tensor | None   # (B, T) critic values; None for an estimator without a critic
+
+
+def gae_estimate(x: AdvantageInputs):
+    """PPO as in InstructGPT: the score at the last token and the KL penalty on every token as
+    per-token rewards, then GAE on the critic's values."""
+    return gae(token_rewards(x.scores, x.kl, x.mask, x.kl_coef), x.values, x.mask, x.gamma, x.lam)
+
+
+def reinforce_pp_estimate(x: AdvantageInputs):
+    return reinforce_pp_advantages(token_rewards(x.scores, x.kl, x.mask, x.kl_coef), x.mask, x.gamma), None
+
+
+def grpo_estimate(x: AdvantageInputs):
+    return broadcast_to_tokens(grpo_advantages(x.scores - x.kl_coef * x.kl.sum(-1), x.group), x.mask), None
+
+
+def rloo_estimate(x: AdvantageInputs):
+    return broadcast_to_tokens(rloo_advantages(x.scores - x.kl_coef * x.kl.sum(-1), x.group), x.mask), None
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """One advantage estimator and everything the RL loop decides by it."""
+
+    advantages: Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor | None]]  # -> advantages (B, T),
+    #                             returns (B, T) as the critic's targets, or None without a critic
+    critic: bool       # learns a value function: a critic role, its optimizer group, the value loss. Its
+    #                    passes run row by row, so only estimators without one run a prompt's samples packed
+    min_samples: int   # responses per prompt it needs (2: it compares the samples of one prompt)
+    kl_in_loss: bool   # where --kl-mode auto puts the KL: a k3 loss term, or a per-token reward penalty
+    whiten: bool       # whether --whiten-advantages applies (the others normalise in their own way)
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "gae": Estimator(gae_estimate, critic=True, min_samples=1, kl_in_loss=False, whiten=True),
+    "grpo": Estimator(grpo_estimate, critic=False, min_samples=2, kl_in_loss=True, whiten=False),  # as Shao et al. 2024
+    "rloo": Estimator(rloo_estimate, critic=False, min_samples=2, kl_in_loss=False, whiten=False),
+    "reinforce++": Estimator(reinforce_pp_estimate, critic=False, min_samples=1, kl_in_loss=False, whiten=False),
+}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def test_every_command_parses_its_defaults_or_names_what_is_missing():
     (["--model", "MODEL", "--data", "/no/such/data.jsonl"], "data file not found: /no/such/data.jsonl"),
     (["--model", "MODEL", "--data", SAMPLES / "pairs.jsonl"], "looks like 'pairs' data"),
     (["--model", "MODEL", "--data", SAMPLES / "sft_messages.jsonl", "--optimiser", "adam"], "unknown option --optimiser"),
-    (["--model", "MODEL", "--data", SAMPLES / "sft_messages.jsonl", "--qlora"], "needs CUDA"),
+    (["--model", "MODEL", "--data", SAMPLES / "sft_messages.jsonl", "--qlora"], "--qlora trains a LoRA adapter on a 4-bit base: give --lora"),
     (["--model", "MODEL", "--data", SAMPLES / "sft_messages.jsonl", "--device", "cuda"], "no CUDA device"),
 ])
 def test_bad_input_through_the_cli_exits_2_and_writes_nothing(args, message, cli, tiny_model, tmp_path):

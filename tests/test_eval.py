@@ -49,14 +49,14 @@ def test_eval_needs_a_judge_for_a_baseline(tiny_model):
     from rlhflab.cli.main import parse
     from rlhflab.errors import UsageError
 
-    with pytest.raises(UsageError, match="--baseline needs --judge"):
+    with pytest.raises(UsageError, match="--baseline needs --reward-model"):
         parse("eval", ["--model", str(tiny_model("llama")), "--prompts", "p.jsonl", "--baseline", "x"])
 
 
 @pytest.mark.parametrize("args,message", [
     (["--model", "a/sft,b/sft"], "two models are called 'sft'"),
     (["--model", "MODEL,/no/such/model"], "--model /no/such/model: no such directory"),
-    (["--model", "MODEL", "--judge", "rm:/no/such/rm"], "--judge rm:/no/such/rm: no such directory"),
+    (["--model", "MODEL", "--judge", "rm:/no/such/rm"], "--reward-model /no/such/rm: no such directory"),
     (["--model", "MODEL", "--max-new-tokens", "0"], "--max-new-tokens: must be at least 1"),
 ])
 def test_eval_checks_its_options_before_any_model_runs(args, message, tiny_model, tmp_path, cli):
@@ -104,4 +104,4 @@ def test_eval_out_under_a_file_is_refused_before_generating(tiny_model, tmp_path
 def test_eval_refuses_a_reward_model_as_a_policy(sft_and_rm, tmp_path, cli):
     _, rm = sft_and_rm
     result = cli("eval", "--model", rm, "--prompts", SAMPLES / "prompts.jsonl", "--max-rows", 1)
-    assert result.returncode == 2 and "give it as --judge rm:DIR" in result.stderr, result.stderr
+    assert result.returncode == 2 and "give it as --reward-model DIR" in result.stderr, result.stderr

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tests.conftest import ARCHS
+from conftest import ARCHS
 
 
 def _batch(vocab: int, pad_id: int):

@@ -127,6 +127,42 @@ def test_reinforce_pp_returns_then_whitens():
     assert out[1, 1] == 0
 
 
+def _scored_rollout(values=None):
+    """One prompt, two samples: scores 1 and 3, per-token KL 0.2, 0.4 | 0.2, beta 0.5."""
+    return L.AdvantageInputs(scores=T([1.0, 3.0]), kl=T([[0.2, 0.4], [0.2, 0.0]]), mask=T([[1.0, 1.0], [1.0, 0.0]]),
+                             kl_coef=0.5, group=2, gamma=1.0, lam=1.0, values=values)
+
+
+def test_each_estimator_row_by_hand():
+    # Per-token rewards (-0.5 KL, the score on the last token): [-0.1, 0.8] and [2.9]; returns-to-go
+    # [0.7, 0.8] and [2.9]. Sequence scores less 0.5 x summed KL: 0.7 and 2.9.
+    adv, ret = L.ESTIMATORS["gae"].advantages(_scored_rollout(values=T([[0.5, 0.25], [1.0, 9.0]])))
+    torch.testing.assert_close(adv, T([[0.7 - 0.5, 0.8 - 0.25], [2.9 - 1.0, 0.0]]))   # lam = 1: return - value
+    torch.testing.assert_close(ret, T([[0.7, 0.8], [2.9, 0.0]]))
+    adv, ret = L.ESTIMATORS["reinforce++"].advantages(_scored_rollout())
+    returns = T([0.7, 0.8, 2.9])
+    torch.testing.assert_close(adv[adv != 0], (returns - returns.mean()) / returns.std(), atol=1e-5, rtol=0)
+    assert ret is None
+    adv, ret = L.ESTIMATORS["grpo"].advantages(_scored_rollout())
+    half = 1.1 / (2.2 / math.sqrt(2))                                  # (score - mean) / std over the group
+    torch.testing.assert_close(adv, T([[-half, -half], [half, 0.0]]), atol=1e-5, rtol=0)
+    assert ret is None
+    adv, ret = L.ESTIMATORS["rloo"].advantages(_scored_rollout())
+    torch.testing.assert_close(adv, T([[0.7 - 2.9, 0.7 - 2.9], [2.9 - 0.7, 0.0]]))   # minus the other sample
+    assert ret is None
+
+
+@pytest.mark.parametrize("name", list(L.ESTIMATORS))
+def test_every_estimator_row_keeps_the_table_s_promises(name):
+    """What the RL loop relies on, for any row: critic targets exactly when it has a critic, (B, T)
+    advantages that are zero on padding, and a group size it can be given."""
+    row = L.ESTIMATORS[name]
+    advantages, returns = row.advantages(_scored_rollout(values=T([[0.5, 0.25], [1.0, 0.0]]) if row.critic else None))
+    assert advantages.shape == (2, 2) and advantages[1, 1] == 0
+    assert (returns is not None) == row.critic
+    assert row.min_samples >= 1
+
+
 def test_aggregate_modes_and_empty_rows():
     x, mask = T([[1.0, 3.0], [5.0, 0.0]]), T([[1.0, 1.0], [1.0, 0.0]])
     assert L.aggregate(x, mask, "token-mean").item() == pytest.approx(3.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -39,6 +40,35 @@ def test_each_estimator_runs_and_logs_the_monitors(estimator, extra, sft_and_rm,
     assert summary["steps"] == 3
     assert (tmp_path / "run" / "samples.jsonl").read_text().count("\n") > 0
     assert (tmp_path / "run" / ("adapter_config.json" if "--lora" in extra else "model.safetensors")).exists()
+
+
+@pytest.mark.parametrize("like", ["gae", "grpo"])
+def test_a_new_estimator_is_one_table_row(like, sft_and_rm, tmp_path, monkeypatch):
+    """A row of losses.ESTIMATORS under a new name runs as the row it copies: the loop asks the
+    row (critic, samples per prompt, where the KL goes), never the estimator's name."""
+    from rlhflab import losses
+    from rlhflab.cli.main import parse
+    from rlhflab.errors import UsageError
+
+    sft, rm = sft_and_rm
+    row, critic_values = losses.ESTIMATORS[like], []
+
+    def advantages(inputs):
+        critic_values.append(inputs.values is not None)
+        return row.advantages(inputs)
+
+    monkeypatch.setitem(losses.ESTIMATORS, "toy", dataclasses.replace(row, advantages=advantages))
+    base = ["--policy", str(sft), "--reward", str(rm), "--prompts", str(SAMPLES / "prompts.jsonl"), "--estimator", "toy"]
+    samples = ["--n-samples", str(row.min_samples)]
+    assert parse("ppo", base + samples).kl_in_loss == row.kl_in_loss
+    if row.min_samples > 1:
+        with pytest.raises(UsageError, match=f"--n-samples must be >= {row.min_samples}"):
+            parse("ppo", base)
+    summary = ppo(sft, rm, tmp_path / "run", "--estimator", "toy", "--max-steps", 1, "--lora", *samples)
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert critic_values == [row.critic]                    # the critic ran (or did not) for the row's sake
+    assert ("vf_loss" in first) == row.critic
+    assert summary["estimator"] == "toy" and summary["shared_prompt"] == (not row.critic and row.min_samples > 1)
 
 
 def test_lora_mode_holds_one_base_and_starts_at_zero_kl(sft_and_rm, tmp_path):

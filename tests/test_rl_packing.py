@@ -32,7 +32,7 @@ def test_packed_logprobs_equal_single_rows(arch, tiny_model):
 
     lm = AutoModelForCausalLM.from_pretrained(str(tiny_model(arch))).eval()
     roles = Roles(lm, None, None, lora=False, reference_adapter=None, reward_adapter=None, critic_adapter=None)
-    works = roles.packing_matches(lm.config.vocab_size)
+    works = roles.can_share_prompt(lm.config.vocab_size)
     if not works:
         assert arch == "bloom"   # ALiBi reads positions from a 2D mask: the check must refuse it, and only it
         return
@@ -56,7 +56,7 @@ def test_grpo_with_and_without_packing(sft_and_rm, tmp_path):
                      "--mini-batch", "2", "--max-new-tokens", "8", "--max-steps", "2", "--lora",
                      "--share-prompt", share, "--progress", "false", "--probe-every", "0"]) == 0
         runs[share] = (json.loads((out / "summary.json").read_text()), read_metrics(out / "metrics.jsonl"))
-    assert runs["true"][0]["packed_samples"] is True and runs["false"][0]["packed_samples"] is False
+    assert runs["true"][0]["shared_prompt"] is True and runs["false"][0]["shared_prompt"] is False
     first = {share: rows[0] for share, (_, rows) in runs.items()}
     assert first["true"]["kl_k1"] == 0.0                        # policy = reference at step 1, packed or not
     for key in ("reward", "entropy", "response_len"):

@@ -9,8 +9,8 @@ import torch
 from conftest import SAMPLES
 
 from rlhflab.cli.main import main
-from rlhflab.runs import read_metrics
 from rlhflab.rewards.model import last_token_index
+from rlhflab.runs import read_metrics
 
 
 def test_last_token_index_left_and_right_padding():
@@ -202,8 +202,7 @@ def test_a_long_prompt_is_cut_from_its_start_so_the_answer_is_still_scored(tiny_
     from transformers import AutoModelForCausalLM
 
     from rlhflab.models.loading import load_tokenizer
-    from rlhflab.rewards.model import score_texts
-    from rlhflab.rewards.model import RewardModel
+    from rlhflab.rewards.model import RewardModel, score_texts
 
     tok = load_tokenizer(str(tiny_model("llama")))
     torch.manual_seed(0)

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-
-from tests.conftest import ARCHS
+from conftest import ARCHS
 
 
 def test_pack_groups_layout():
@@ -37,7 +36,7 @@ def test_pack_groups_layout():
 def test_shared_prompt_scores_equal_single_rows(arch, tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from rlhflab.rewards.model import RewardModel, score_groups, sharing_matches
+    from rlhflab.rewards.model import RewardModel, can_share_prompt, score_groups
 
     lm = AutoModelForCausalLM.from_pretrained(str(tiny_model(arch)))
     model = RewardModel(lm, lm.config.hidden_size).eval()
@@ -46,7 +45,7 @@ def test_shared_prompt_scores_equal_single_rows(arch, tiny_model):
     prompts = [torch.randint(5, vocab, (n,)).tolist() for n in (7, 4)]
     groups = [[prompts[0] + torch.randint(5, vocab, (n,)).tolist() for n in (3, 6, 1, 4)],
               [prompts[1] + torch.randint(5, vocab, (n,)).tolist() for n in (2, 5)]]
-    works = sharing_matches(model, pad, "cpu", vocab)
+    works = can_share_prompt(model, pad, "cpu", vocab)
     alone = score_groups(groups, model, pad, "cpu", share=False)
     if not works:
         # ALiBi models read positions from a 2D mask: the check must refuse them, and only them
@@ -91,11 +90,11 @@ def test_dpo_packed_pairs_equal_single_rows(arch, tiny_model):
     from transformers import AutoModelForCausalLM
 
     from rlhflab.data.template import IGNORE_INDEX
-    from rlhflab.train.dpo import packing_matches, sequence_logps
+    from rlhflab.train.dpo import can_share_prompt, sequence_logps
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model(arch))).eval()
     pad, vocab = model.config.pad_token_id, model.config.vocab_size
-    if not packing_matches(model, pad, "cpu", vocab):
+    if not can_share_prompt(model, pad, "cpu", vocab):
         assert arch == "bloom"
         return
     torch.manual_seed(2)
@@ -115,8 +114,9 @@ def test_dpo_packed_pairs_equal_single_rows(arch, tiny_model):
 
 
 def test_dpo_training_with_and_without_packing_agrees(tiny_model, tmp_path):
+    from conftest import SAMPLES
+
     from rlhflab.cli.main import main
-    from tests.conftest import SAMPLES
 
     summaries = []
     for share in ("true", "false"):
@@ -125,20 +125,20 @@ def test_dpo_training_with_and_without_packing_agrees(tiny_model, tmp_path):
                      "--out", str(out), "--max-steps", "4", "--batch-size", "4", "--lr", "1e-3", "--lora",
                      "--share-prompt", share, "--progress", "false", "--seed", "0"]) == 0
         summaries.append(json.loads((out / "summary.json").read_text(encoding="utf-8")))
-    assert summaries[0]["packed_pairs"] is True and summaries[1]["packed_pairs"] is False
+    assert summaries[0]["shared_prompt"] is True and summaries[1]["shared_prompt"] is False
     assert summaries[0]["final_loss"] == pytest.approx(summaries[1]["final_loss"], rel=1e-3)
 
 
 def test_models_with_a_sliding_window_are_not_packed(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from rlhflab.rewards.model import RewardModel, sharing_matches
+    from rlhflab.rewards.model import RewardModel, can_share_prompt
 
     lm = AutoModelForCausalLM.from_pretrained(str(tiny_model("qwen2")))
     model = RewardModel(lm, lm.config.hidden_size)
-    assert sharing_matches(model, lm.config.pad_token_id, "cpu", lm.config.vocab_size)
+    assert can_share_prompt(model, lm.config.pad_token_id, "cpu", lm.config.vocab_size)
     lm.config.use_sliding_window, lm.config.sliding_window = True, 4
-    assert not sharing_matches(model, lm.config.pad_token_id, "cpu", lm.config.vocab_size)
+    assert not can_share_prompt(model, lm.config.pad_token_id, "cpu", lm.config.vocab_size)
 
 
 def test_score_texts_packs_answers_to_one_prompt(tiny_model, monkeypatch):
@@ -165,6 +165,6 @@ def test_score_texts_packs_answers_to_one_prompt(tiny_model, monkeypatch):
     monkeypatch.setattr(rm, "score_groups", counting)
     packed = score_texts(model, tokenizer, conversations)
     assert calls[-1] == [4, 4, 1]                                # answers to one prompt grouped
-    monkeypatch.setattr(rm, "sharing_matches", lambda *a, **k: False)
+    monkeypatch.setattr(rm, "can_share_prompt", lambda *a, **k: False)
     alone = score_texts(model, tokenizer, conversations)
     assert packed == pytest.approx(alone, abs=1e-4)

@@ -33,6 +33,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sample": ("rlhflab.feedback.preferences:SampleConfig", "rlhflab.feedback.preferences:sample_command", "sample K answers per prompt from a model"),
     "rank": ("rlhflab.feedback.preferences:RankConfig", "rlhflab.feedback.preferences:rank_command", "rank sampled answers into pairs or rankings (judge or reward model)"),
     "chat": ("rlhflab.infer.chat:ChatConfig", "rlhflab.infer.chat:run", "talk to a model, an adapter or a run's best policy"),
+    "serve": ("rlhflab.infer.server:ServeConfig", "rlhflab.infer.server:run", "OpenAI-compatible API and chat page for a model and its adapters"),
+    "serve export": ("rlhflab.infer.convlog:ServeExportConfig", "rlhflab.infer.convlog:export_command", "write a serving log's prompts and preference votes as training files"),
+    "quantize": ("rlhflab.infer.quantize:QuantizeConfig", "rlhflab.infer.quantize:quantize_command", "write a model with 4-bit (NF4) or 8-bit weights"),
     "report": ("rlhflab.evals.report:ReportConfig", "rlhflab.evals.report:run", "one self-contained HTML page of a run"),
     "eval": ("rlhflab.evals.evaluate:EvalConfig", "rlhflab.evals.evaluate:run", "compare models: gold, RM score, win rate, length, diversity, KL"),
     "run": ("rlhflab.cli.pipeline:PipelineConfig", "rlhflab.cli.pipeline:run", "run a pipeline of stages from a YAML file"),
@@ -40,7 +43,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 # Commands whose first bare argument is an option's value: `rlhflab chat runs/quickstart`.
-POSITIONAL = {"chat": "--model", "report": "--run-dir", "run": "--pipeline"}
+POSITIONAL = {"chat": "--model", "report": "--run-dir", "run": "--pipeline", "serve": "--model",
+              "quantize": "--model"}
 
 
 def _load(path: str):
@@ -64,18 +68,28 @@ def build_parser(command: str, config_cls) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file of options (command-line options override it)")
     types_ = cfg._resolved_types(config_cls)
+    old_names = {alias.to: old for old, alias in getattr(config_cls, "deprecated_aliases", {}).items()}
     for f in cfg.fields_of(config_cls):
-        flag = "--" + f.name.replace("_", "-")
-        if cfg._base_type(types_[f.name]) is bool:
-            # `--lora`, `--lora true|false` and `--no-lora` all work.
-            parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS,
-                                metavar="BOOL", help=_help_text(f))
-            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const",
-                                const="false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        else:
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="VALUE", action="append",
-                                help=_help_text(f))
+        is_bool = cfg._base_type(types_[f.name]) is bool
+        old = old_names.get(f.name)
+        help_ = _help_text(f) + (f" (old name, deprecated: --{old.replace('_', '-')})" if old else "")
+        _add_option(parser, f.name, is_bool, help_)
+        if old:   # its own dest, so that cfg.renamed sees it was used
+            _add_option(parser, old, is_bool, argparse.SUPPRESS)
     return parser
+
+
+def _add_option(parser, name: str, is_bool: bool, help_: str) -> None:
+    flag = "--" + name.replace("_", "-")
+    if is_bool:
+        # `--lora`, `--lora true|false` and `--no-lora` all work.
+        parser.add_argument(flag, dest=name, nargs="?", const="true", default=argparse.SUPPRESS,
+                            metavar="BOOL", help=help_)
+        parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const",
+                            const="false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    else:
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar="VALUE", action="append",
+                            help=help_)
 
 
 def parse(command: str, argv: list[str], where: str = "on the command line"):
@@ -92,11 +106,14 @@ def parse(command: str, argv: list[str], where: str = "on the command line"):
             raise UsageError(f"unknown option {flag} for `rlhflab {command}`" + cfg.suggest(flag, valid))
         raise UsageError(f"unexpected argument {bad!r} for `rlhflab {command}` (options look like --name value)")
     cli_values = vars(known)
-    for f in cfg.fields_of(config_cls):
-        values = cli_values.get(f.name)
+    fields = {f.name: f for f in cfg.fields_of(config_cls)}
+    aliases = getattr(config_cls, "deprecated_aliases", {})
+    dests = {**fields, **{old: fields[alias.to] for old, alias in aliases.items()}}
+    for dest, f in dests.items():
+        values = cli_values.get(dest)
         if isinstance(values, list):  # non-bool options are collected with action="append"
             # A repeatable option accumulates; any other takes its last value (so scripts can override).
-            cli_values[f.name] = ",".join(values) if f.metadata.get("repeatable") else values[-1]
+            cli_values[dest] = ",".join(values) if f.metadata.get("repeatable") else values[-1]
     yaml_path = cli_values.pop("config", None)
     yaml_values = cfg.load_yaml(yaml_path) if yaml_path else {}
     return cfg.build(config_cls, yaml_values, cli_values, yaml_path, where)

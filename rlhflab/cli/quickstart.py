@@ -74,7 +74,7 @@ def evaluate(config: QuickstartConfig, params: dict) -> dict:
         paths = {"base" if name == "pretrain" else name: str(out / name)
                  for name in ("pretrain", "sft", "ppo", "dpo") if (out / name / "summary.json").exists()}
         eval_config = EvalConfig(model=",".join(f"{k}={v}" for k, v in paths.items()), prompts="",
-                                 judge=f"rm:{out / 'rm'}", reference=str(out / "sft"), baseline=str(out / "sft"),
+                                 reward_model=str(out / "rm"), reference=str(out / "sft"), baseline=str(out / "sft"),
                                  seed=config.seed)
         models = evaluate_models(paths, prompts, eval_config, out / "eval")
         models["best-of-" + str(params["best_of"])] = best_of_n(str(out / "sft"), str(out / "rm"), prompts,

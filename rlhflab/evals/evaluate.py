@@ -1,7 +1,7 @@
 """`rlhflab eval`: compare models on the same prompts.
 
 Per model: greedy answers, the gold judge's score (toy-world prompts only), the reward model's
-score, the win rate against a baseline judged by that reward model (ties counted half, with a
+score, the win rate against a baseline decided by that reward model (ties counted half, with a
 95% Wilson interval), mean length, distinct-1/2, and — from one sampled answer per prompt — the
 per-token entropy and the KL to a reference model (the sequence-level k1 estimate, which is
 unbiased for samples from the model).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rlhflab.config import opt
+from rlhflab.config import Renamed, opt
 from rlhflab.data.formats import load_prompts
 from rlhflab.data.template import stop_token_ids
 from rlhflab.errors import UsageError
@@ -30,16 +30,26 @@ from rlhflab.world import judge
 from rlhflab.world.judge import FACETS
 
 
+def old_judge_value(value: str) -> str:
+    """`--judge rm:DIR`, the old spelling of `--reward-model DIR`."""
+    if not value.startswith("rm:"):
+        raise UsageError(f"--judge {value!r}: expected rm:DIR")
+    return value[3:]
+
+
 @dataclass
 class EvalConfig:
     """Compare models on held-out prompts: gold score, RM score, win rate, length, diversity, KL."""
 
     stage = "eval"
+    # "judge" is the toy world's gold judge only; the reward model was `--judge rm:DIR`.
+    deprecated_aliases = {"judge": Renamed("reward_model", value=old_judge_value)}
     model: str | None = opt(None, "models to compare (directories or adapters): repeat --model or separate with "
                                   "commas; NAME=PATH names one", repeatable=True)
     prompts: str | None = opt(None, "prompts file (toy-world ones get the gold judge)")
-    baseline: str | None = opt(None, "model that the others' win rate is measured against (needs --judge)")
-    judge: str | None = opt(None, "reward model that scores answers, as rm:DIR")
+    baseline: str | None = opt(None, "model that the others' win rate is measured against (needs --reward-model)")
+    reward_model: str | None = opt(None, "reward model directory that scores answers (and decides --baseline's win "
+                                         "rate): from `rlhflab rm`, or a Hugging Face sequence classifier")
     reference: str | None = opt(None, "model to measure each model's KL to (e.g. the SFT model)")
     max_rows: int = opt(200, "prompts used (0 = all)")
     max_new_tokens: int = opt(48, "longest answer")
@@ -56,10 +66,8 @@ class EvalConfig:
             raise UsageError("give --model (one or more, comma-separated)")
         if not self.prompts:
             raise UsageError("give --prompts")
-        if self.judge and not self.judge.startswith("rm:"):
-            raise UsageError(f"--judge {self.judge!r}: expected rm:DIR")
-        if self.baseline and not self.judge:
-            raise UsageError("--baseline needs --judge rm:DIR to decide who wins")
+        if self.baseline and not self.reward_model:
+            raise UsageError("--baseline needs --reward-model DIR to decide who wins")
         named_models(self.model)   # the names; the paths are checked when the run starts (a pipeline's
         #                            earlier stages may still have to write them)
 
@@ -162,7 +170,7 @@ def evaluate_models(models: dict[str, str], records, config, answers_dir: Path |
     placement = choose_placement(config.device, config.dtype)
     reference = load_causal_lm(config.reference, placement, config.trust_remote_code,
                                option="--reference").eval() if config.reference else None
-    judge_rm = load_reward_model(config.judge[3:], placement) if config.judge else None
+    reward_model = load_reward_model(config.reward_model, placement) if config.reward_model else None
     texts, results = {}, {}
     everyone = dict(models)
     baseline_name = None
@@ -180,9 +188,9 @@ def evaluate_models(models: dict[str, str], records, config, answers_dir: Path |
             atomic_write_jsonl(answers_dir / f"{name}.jsonl", rows)
         figures = answer_figures(records, texts[name], tokenizer)
         figures.update(gold_scores(records, texts[name]) or {})
-        if judge_rm is not None:
+        if reward_model is not None:
             conversations = [r.messages + [{"role": "assistant", "content": t}] for r, t in zip(records, texts[name])]
-            figures["rm_scores"] = score_texts(*judge_rm, conversations)
+            figures["rm_scores"] = score_texts(*reward_model, conversations)
             figures["rm_score"] = sum(figures["rm_scores"]) / len(records)
         figures.update(entropy_and_kl(model, reference, tokenizer, records, config))
         results[name] = figures
@@ -243,9 +251,9 @@ def run(config: EvalConfig) -> int:
         _check_source(path, "--model")
         if is_reward_model(path):
             raise UsageError(f"--model {path}: a reward model, which scores answers but does not write them; "
-                             "give it as --judge rm:DIR")
-    if config.judge and not Path(config.judge[3:]).is_dir():
-        raise UsageError(f"--judge {config.judge}: no such directory")
+                             "give it as --reward-model DIR")
+    if config.reward_model and not Path(config.reward_model).is_dir():
+        raise UsageError(f"--reward-model {config.reward_model}: no such directory")
     if config.reference:   # a KL between two vocabularies compares unrelated token ids
         vocab = load_tokenizer(config.reference, config.trust_remote_code, option="--reference").get_vocab()
         for name, path in models.items():

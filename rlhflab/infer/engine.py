@@ -19,6 +19,7 @@ import torch
 
 from rlhflab.data.template import encode_prompt, stop_token_ids
 from rlhflab.errors import NonFiniteError
+from rlhflab.models.forward import position_ids
 
 
 @dataclass
@@ -78,10 +79,6 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def _accepts_position_ids(model) -> bool:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "position_ids" in inspect.signature(inner.forward).parameters
@@ -103,7 +100,7 @@ def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 
 
 @torch.no_grad()
-def _generate_chunk(model, tokenizer, prompts, params, step, prompt_texts, offset, on_text) -> Generation:
+def _generate_chunk(model, tokenizer, prompts, params, step, prompt_texts, offset, on_text, on_row=None) -> Generation:
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
@@ -126,7 +123,7 @@ def _generate_chunk(model, tokenizer, prompts, params, step, prompt_texts, offse
     for position in range(params.max_new_tokens):
         kwargs = {"input_ids": inputs, "attention_mask": attention, "past_key_values": past, "use_cache": True}
         if use_positions:
-            kwargs["position_ids"] = position_ids_from_mask(attention)[:, -inputs.shape[1]:]
+            kwargs["position_ids"] = position_ids(attention)[:, -inputs.shape[1]:]
         out = model(**kwargs)
         past = out.past_key_values
         logits = out.logits[:, -1, :].float()                                    # (B, V)
@@ -151,7 +148,7 @@ def _generate_chunk(model, tokenizer, prompts, params, step, prompt_texts, offse
         tokens = torch.cat([tokens, next_token[:, None]], 1)
         lengths += (~done).long()
         hit_stop = torch.isin(next_token, stops) & ~done if stops.numel() else torch.zeros_like(done)
-        if params.stop_strings or on_text:
+        if params.stop_strings or on_text or on_row:
             for row in range(batch):
                 if done[row]:
                     continue
@@ -162,6 +159,8 @@ def _generate_chunk(model, tokenizer, prompts, params, step, prompt_texts, offse
                     on_text(text[len(texts_so_far[row]):])
                     texts_so_far[row] = text
                 if any(s in text for s in params.stop_strings):
+                    hit_stop[row] = True
+                if on_row and on_row(offset + row, text, int(lengths[row]), bool(hit_stop[row])):
                     hit_stop[row] = True
         finished |= hit_stop
         done |= hit_stop
@@ -186,15 +185,20 @@ def _generate_chunk(model, tokenizer, prompts, params, step, prompt_texts, offse
 
 def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams, *, step: int | None = None,
              prompt_texts: list[str] | None = None, batch_size: int | None = None,
-             on_text: Callable[[str], None] | None = None) -> Generation:
-    """Generate for token-id prompts; chunks of `batch_size` are padded to one common width."""
+             on_text: Callable[[str], None] | None = None,
+             on_row: Callable[[int, str, int, bool], bool] | None = None) -> Generation:
+    """Generate for token-id prompts; chunks of `batch_size` are padded to one common width.
+
+    `on_row(row, text, n_tokens, ended)` is called for every unfinished row after each step with its
+    text so far and whether a stop token/string just ended it; returning True ends that row there
+    (the server streams each row and applies each request's own stop strings and length this way)."""
     if not prompts:
         raise ValueError("no prompts to generate for")
     was_training = model.training
     model.eval()
     try:
         size = batch_size or len(prompts)
-        chunks = [_generate_chunk(model, tokenizer, prompts[i:i + size], params, step, prompt_texts, i, on_text)
+        chunks = [_generate_chunk(model, tokenizer, prompts[i:i + size], params, step, prompt_texts, i, on_text, on_row)
                   for i in range(0, len(prompts), size)]
     finally:
         model.train(was_training)

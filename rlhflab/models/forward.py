@@ -43,6 +43,7 @@ def response_selection(input_ids: torch.Tensor, prompt_len: int) -> torch.Tensor
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token, counting real tokens only: left padding starts a row at 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 

@@ -124,7 +124,8 @@ def build_fresh(init_config: str, tokenizer, seed: int = 0):
 
 def load_causal_lm(name: str, placement: Placement, trust_remote_code: bool = False, train_full: bool = False,
                    option: str = "--model", quantize_4bit: bool = False):
-    """A causal LM from a local directory or hub id. Adapter directories are merged into their base."""
+    """A causal LM from a local directory or hub id. Adapter directories are merged into their base.
+    `quantize_4bit`: the linear layers in 4-bit NF4, frozen, for a LoRA adapter to train on (QLoRA)."""
 
     _check_source(name, option)
     dtype = placement.train_dtype if train_full else placement.dtype
@@ -134,11 +135,12 @@ def load_causal_lm(name: str, placement: Placement, trust_remote_code: bool = Fa
         return PeftModel.from_pretrained(base, name).merge_and_unload()
     extra = {}
     if quantize_4bit:
-
-        # QLoRA (Dettmers et al. 2023): NF4 weights, double quantisation, bf16 compute.
+        # QLoRA (Dettmers et al. 2023, arXiv:2305.14314): NF4 weights, double quantisation, compute in
+        # the placement's dtype (bf16 on CUDA, fp32 on the CPU).
         extra = {"quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=placement.dtype), "device_map": {"": placement.device.index or 0}}
+            bnb_4bit_compute_dtype=placement.dtype),
+            "device_map": {"": (placement.device.index or 0) if placement.device.type == "cuda" else "cpu"}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **extra
@@ -146,7 +148,14 @@ def load_causal_lm(name: str, placement: Placement, trust_remote_code: bool = Fa
     except (OSError, ValueError) as exc:
         raise UsageError(f"{option} {name}: cannot load the model: {exc}") from None
     if quantize_4bit:
-
+        for module in model.modules():
+            # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weight for its inference
+            # kernel at the first no-grad forward in eval mode (a reference or evaluation pass). That
+            # layout has no backward (torch warns that gemv_4bit has no autograd kernel, and the
+            # gradient through the layer is lost) and fails on layers narrower than a quantisation
+            # block of 64: a model that trains keeps the training layout.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model.to(placement.device)
 
@@ -192,11 +201,10 @@ def resize_for_tokenizer(model, tokenizer) -> bool:
 
 
 def apply_lora(model, config, extra_trainable: list[str] | None = None):
-    """Wrap with a fresh trainable LoRA adapter (peft)."""
+    """Wrap with a fresh trainable LoRA adapter (peft), named "default"."""
 
-    targets = "all-linear" if config.lora_target == "all-linear" else [t.strip() for t in config.lora_target.split(",")]
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM", modules_to_save=extra_trainable or None)
+                      target_modules=config.lora_targets, task_type="CAUSAL_LM", modules_to_save=extra_trainable or None)
     try:
         return get_peft_model(model, lora)
     except ValueError as exc:
@@ -209,47 +217,66 @@ def count_parameters(model) -> dict:
     return {"parameters": total, "trainable_parameters": trainable}
 
 
-def load_for_training(config, placement: Placement):
-    """Model and tokenizer for a training stage, LoRA-wrapped when asked.
+@dataclass
+class Trainable:
+    """What load_trainable gives a training stage."""
 
-    Returns (model, tokenizer, base_name) where base_name is what an adapter records as its base.
+    model: torch.nn.Module   # every weight trainable, or a PeftModel whose adapter "default" trains
+    tokenizer: object
+    base: str | None         # what a saved adapter records as its base; None when every weight trains
+    adapter: str | None      # the adapter directory whose training continues; None for a fresh adapter or none
+
+
+def load_trainable(config, placement: Placement, source: str | None, option: str = "--model",
+                   fresh: str | None = None, tokenizer=None) -> Trainable:
+    """The model a training stage trains, and its tokenizer. Every stage (pretrain, SFT, RM, DPO,
+    the PPO policy) loads through here, so the rules are the same everywhere:
+
+    - no --lora: every weight trains, in fp32; an adapter directory is merged into its base first.
+    - --lora on a model: a fresh adapter "default" (--lora-r, --lora-alpha, --lora-dropout,
+      --lora-target); the embeddings and LM head train too when the tokenizer grew, or the new
+      tokens' rows would stay random.
+    - --lora on an adapter directory: that adapter keeps training, on its own base and with its
+      own rank and targets, so that the stages after it can share that one base.
+    - --qlora (with --lora): the same, with the frozen base in 4-bit NF4 (bitsandbytes).
+    - `fresh` (a preset name or config.json, instead of `source`): a new random model, every
+      weight trained.
+
+    `source` is the model directory or hub id and `option` the option that named it; `tokenizer`,
+    when the stage has loaded it already, saves loading it twice.
     """
     if config.qlora:
         raise_unless_qlora_possible()
-    if config.model is None and config.init_config is None:
-        raise UsageError("give --model (a directory or hub id) or --init-config (a config.json or preset)")
-    tokenizer_name = config.tokenizer or config.model
-    if tokenizer_name is None:
-        raise UsageError("--init-config builds a fresh model: also give --tokenizer")
-    if config.model and is_adapter_dir(config.model) and config.tokenizer is None:
-        tokenizer_name = config.model
-    tokenizer = load_tokenizer(tokenizer_name, config.trust_remote_code, config.chat_template,
-                               "--tokenizer" if tokenizer_name == config.tokenizer else "--model")
-    train_full = not (config.lora or config.qlora)
-    if config.model is None:
-        if not train_full:
-            raise UsageError("--lora needs a saved base model to attach the adapter to; --init-config builds an unsaved one")
-        model = build_fresh(config.init_config, tokenizer, config.seed).to(placement.device)
-        base_name = None
+    if source is None and fresh is None:
+        raise UsageError(f"give {option} (a directory or hub id) or --init-config (a config.json or preset)")
+    if source is not None and fresh is not None:
+        raise UsageError(f"give {option} (a saved model) or --init-config (a fresh one), not both")
+    if fresh is not None and config.lora:
+        raise UsageError("--lora needs a saved base model to attach the adapter to; --init-config builds an unsaved one")
+    if tokenizer is None:
+        if config.tokenizer is None and source is None:
+            raise UsageError("--init-config builds a fresh model: also give --tokenizer")
+        tokenizer = load_tokenizer(config.tokenizer or source, config.trust_remote_code, config.chat_template,
+                                   "--tokenizer" if config.tokenizer else option)
+    if fresh is not None:
+        model = build_fresh(fresh, tokenizer, config.seed).to(placement.device)
+        return Trainable(model, tokenizer, None, None)
+    if not config.lora:
+        model = load_causal_lm(source, placement, config.trust_remote_code, train_full=True, option=option)
+        model.requires_grad_(True)   # an adapter merged into its base comes back frozen, as peft left the base
+        resize_for_tokenizer(model, tokenizer)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return Trainable(model, tokenizer, None, None)
+    adapter = source if is_adapter_dir(source) else None
+    base_name = adapter_base(adapter) if adapter else source
+    base = load_causal_lm(base_name, placement, config.trust_remote_code, option=option, quantize_4bit=config.qlora)
+    grew = resize_for_tokenizer(base, tokenizer)
+    base.config.pad_token_id = tokenizer.pad_token_id
+    if adapter:
+        model = PeftModel.from_pretrained(base, adapter, adapter_name="default", is_trainable=True)
     else:
-        if config.qlora and is_adapter_dir(config.model):
-            raise UsageError("--qlora needs a plain base model directory, not an adapter")
-        model = load_causal_lm(config.model, placement, config.trust_remote_code, train_full,
-                               quantize_4bit=config.qlora)
-        base_name = adapter_base(config.model) if is_adapter_dir(config.model) else config.model
-        if is_adapter_dir(config.model) and not train_full:
-            # A new adapter on a merged one would need the merged weights saved as its base.
-            raise UsageError(
-                f"--model {config.model} is an adapter: merge it first (`rlhflab merge --adapter "
-                f"{config.model} --out DIR`) and train the new adapter on DIR"
-            )
-    grew = resize_for_tokenizer(model, tokenizer)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if not train_full:
-        extra = ["embed_tokens", "lm_head"] if grew else None
-        model = apply_lora(model, config, extra)
-    config.max_length = fit_context(model, config.max_length)
-    return model, tokenizer, base_name
+        model = apply_lora(base, config, ["embed_tokens", "lm_head"] if grew else None)
+    return Trainable(model, tokenizer, base_name, adapter)
 
 
 def fit_context(model, max_length: int) -> int:
@@ -264,12 +291,12 @@ def fit_context(model, max_length: int) -> int:
 
 
 def raise_unless_qlora_possible() -> None:
-    if not torch.cuda.is_available():
-        raise UsageError("--qlora loads the base in 4-bit, which needs CUDA; use --lora on the CPU")
+    """--qlora holds the base in 4-bit through bitsandbytes, on CUDA or the CPU."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise UsageError("--qlora needs the bitsandbytes package: pip install bitsandbytes") from None
+        raise UsageError("--qlora holds the frozen base in 4-bit with the bitsandbytes package, which is not "
+                         "installed: pip install bitsandbytes, or train with --lora alone") from None
 
 
 def save_model(model, tokenizer, out: Path, base_name: str | None = None) -> None:

@@ -17,18 +17,18 @@ from transformers import AutoModelForSequenceClassification
 from rlhflab.config import opt
 from rlhflab.data.template import encode_chat
 from rlhflab.errors import UsageError
+from rlhflab.losses import last_token_index
 from rlhflab.models.forward import hidden_states
 from rlhflab.models.heads import padding_mask_for
 from rlhflab.models.loading import (
     adapter_base,
-    apply_lora,
     choose_placement,
     context_limit,
     is_adapter_dir,
     load_causal_lm,
     load_tokenizer,
+    load_trainable,
     record_adapter_base,
-    resize_for_tokenizer,
 )
 from rlhflab.models.packing import pack_groups, packed_length, packing_agrees
 from rlhflab.runs import atomic_write_directory, atomic_write_json, check_output_directory
@@ -39,25 +39,12 @@ def build_reward_model(config, placement):
 
     if config.model is None:
         raise UsageError("give --model (the SFT model, as InstructGPT starts the RM from it)")
-    tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code, config.chat_template,
-                               "--tokenizer" if config.tokenizer else "--model")
-    if config.lora and is_adapter_dir(config.model):
-        # Start from the SFT adapter's weights, on the SFT adapter's base: PPO can then share one base.
-        base_name = adapter_base(config.model)
-        base = load_causal_lm(base_name, placement, config.trust_remote_code)
-        lm = PeftModel.from_pretrained(base, config.model, is_trainable=True)
-    elif config.lora:
-        base_name = config.model
-        base = load_causal_lm(base_name, placement, config.trust_remote_code)
-        resize_for_tokenizer(base, tokenizer)
-        lm = apply_lora(base, config)
-    else:
-        base_name = None
-        lm = load_causal_lm(config.model, placement, config.trust_remote_code, train_full=True)
-        resize_for_tokenizer(lm, tokenizer)
+    # With --lora on an SFT adapter, the reward adapter starts from it, on its base: PPO can then share one base.
+    loaded = load_trainable(config, placement, config.model)
+    lm = loaded.model
     hidden = (lm.get_base_model() if hasattr(lm, "get_base_model") else lm).config.hidden_size
     model = RewardModel(lm, hidden).to(placement.device)
-    return model, tokenizer, {"base": base_name, "lora": bool(config.lora), "hidden_size": hidden}
+    return model, loaded.tokenizer, {"base": loaded.base, "lora": bool(config.lora), "hidden_size": hidden}
 
 
 def save_reward_model(model: RewardModel, tokenizer, out: Path, info: dict) -> None:
@@ -81,7 +68,7 @@ class SequenceClassifierReward(torch.nn.Module):
         self.model, self.pad_id = model, pad_id
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids=None, read_at=None):
-        if read_at is not None:   # rm.sharing_matches takes this as "cannot pack" and scores row by row
+        if read_at is not None:   # can_share_prompt takes this as "cannot pack" and scores row by row
             raise NotImplementedError("a sequence classifier pools its own last token: packed rows cannot be read")
         ids = input_ids.masked_fill(attention_mask == 0, self.pad_id)   # its pad, not ours: that is what it skips
         return self.model(input_ids=ids, attention_mask=attention_mask).logits[:, 0].float()
@@ -173,7 +160,7 @@ def load_reward_model(path: str, placement, trust_remote_code: bool = False, opt
 def score_texts(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32, max_length: int = 512) -> list[float]:
     """Scores of full conversations whose last turn is the assistant's answer. Neighbours that
     share everything but that answer (best-of-n, an audit's answers to one prompt) run as one
-    packed row, the prompt once, when the model passes rm.sharing_matches."""
+    packed row, the prompt once, when the model passes can_share_prompt."""
 
     device = next(model.parameters()).device
     max_length = min(max_length, context_limit(model) or max_length)   # GPT-2 style learned positions end
@@ -184,7 +171,7 @@ def score_texts(model, tokenizer, conversations: list[list[dict]], batch_size: i
             groups[-1].append(seq)
         else:
             groups.append([seq])
-    share = len(groups) < len(seqs) and sharing_matches(model, tokenizer.pad_token_id, device, len(tokenizer))
+    share = len(groups) < len(seqs) and can_share_prompt(model, tokenizer.pad_token_id, device, len(tokenizer))
     most = max(1, batch_size // max(1, round(len(seqs) / len(groups)))) if share else batch_size
     return score_groups(groups, model, tokenizer.pad_token_id, device, share, most=most).tolist()
 
@@ -265,15 +252,6 @@ class RewardModel(nn.Module):
         return self.score_head(hidden[torch.arange(hidden.shape[0]), last].float()).squeeze(-1)
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) position of the last real token; works for left and right padding, never a pad."""
-    width = attention_mask.shape[1]
-    last = width - 1 - attention_mask.long().flip(-1).argmax(-1)
-    if not bool(attention_mask.gather(1, last[:, None]).all()):
-        raise AssertionError("a row has no real token: the score would be read at a pad position")
-    return last
-
-
 def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -337,7 +315,7 @@ def score_groups(groups: list[list[list[int]]], model, pad_id: int, device, shar
     return torch.cat(per_group)
 
 
-def sharing_matches(model, pad_id: int, device, vocab_size: int) -> bool:
+def can_share_prompt(model, pad_id: int, device, vocab_size: int) -> bool:
     """Whether this model scores packed rows as it scores sequences one by one: checked once on a
     small made-up group, since not every architecture honours a 4D mask and explicit positions
     (ALiBi models, FlashAttention-2 kernels)."""

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from rlhflab import losses, runs
@@ -37,14 +36,7 @@ from rlhflab.data.template import IGNORE_INDEX, encode_chat
 from rlhflab.errors import UsageError
 from rlhflab.feedback.preferences import check_ranker, rank_rows, sample_responses, scorer
 from rlhflab.models.heads import answer_selection, causal_lm, logits_at, padding_mask_for
-from rlhflab.models.loading import (
-    adapter_base,
-    apply_lora,
-    is_adapter_dir,
-    load_causal_lm,
-    load_tokenizer,
-    resize_for_tokenizer,
-)
+from rlhflab.models.loading import load_causal_lm, load_trainable, resize_for_tokenizer
 from rlhflab.models.packing import pack_groups, packing_agrees
 from rlhflab.rewards.model import check_reward_model
 from rlhflab.train import skeleton
@@ -77,7 +69,7 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
     round_prompts: int = opt(256, "online rounds: prompts sampled per round")
     max_new_tokens: int = opt(48, "online rounds: longest sampled answer")
     temperature: float = opt(1.0, "online rounds: sampling temperature")
-    batch_size: int = opt(8, "pairs per micro-batch")
+    batch_size: int = opt(8, "pairs per micro-batch, counted over all processes (each takes its share)")
     lr: float = opt(5e-5, "peak learning rate")
     max_length: int = opt(256, "longest prompt + answer in tokens (longer ones keep their start)")
     share_prompt: bool = opt(True, "run chosen and rejected packed in one row, their shared prompt once "
@@ -193,7 +185,7 @@ def packed_sequence_logps(model, pairs: list[dict], pad_id: int, device) -> tupl
     return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
 
 
-def packing_matches(model, pad_id: int, device, vocab_size: int) -> bool:
+def can_share_prompt(model, pad_id: int, device, vocab_size: int) -> bool:
     """Whether packed pairs get the log-probs single rows get, on two made-up pairs (see
     models/packing.py for the models that cannot take it)."""
 
@@ -220,32 +212,18 @@ class PolicyAndReference:
     def __init__(self, config, placement):
         self.config, self.placement = config, placement
         self.source = config.policy or config.model
-        self.tokenizer = load_tokenizer(config.tokenizer or self.source, config.trust_remote_code,
-                                        config.chat_template, "--tokenizer" if config.tokenizer else "--policy")
+        loaded = load_trainable(config, placement, self.source, "--policy")
+        self.model, self.tokenizer, self.base_name = loaded.model, loaded.tokenizer, loaded.base
         self.reference_adapter, self.frozen = None, None
-        self.packed = False  # set by run once packing_matches has checked the model
+        self.shared_prompt = False  # set by run once can_share_prompt has checked the model
         if config.lora:
-            if is_adapter_dir(self.source):
-                self.base_name = adapter_base(self.source)
-                base = load_causal_lm(self.base_name, placement, config.trust_remote_code, option="--policy")
-                self.model = PeftModel.from_pretrained(base, self.source, adapter_name="default", is_trainable=True)
+            if loaded.adapter:   # the SFT adapter: the policy trains on from it, a frozen copy is the reference
                 self.model.load_adapter(self.source, adapter_name="reference", is_trainable=False)
                 self.reference_adapter = "reference"
-            else:
-                self.base_name = self.source
-                base = load_causal_lm(self.source, placement, config.trust_remote_code, option="--policy")
-                resize_for_tokenizer(base, self.tokenizer)
-                self.model = apply_lora(base, config)
             for name, param in self.model.named_parameters():
                 param.requires_grad = ".default." in name
-        else:
-            self.base_name = None
-            self.model = load_causal_lm(self.source, placement, config.trust_remote_code, train_full=True,
-                                        option="--policy")
-            resize_for_tokenizer(self.model, self.tokenizer)
-            if not config.precompute_ref and config.loss != "simpo":
-                self.frozen = clone_frozen(self.model)
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        elif not config.precompute_ref and config.loss != "simpo":
+            self.frozen = clone_frozen(self.model)
 
     @contextlib.contextmanager
     def reference(self, policy_untouched: bool):
@@ -299,7 +277,7 @@ def reference_logps(policy: PolicyAndReference, pairs: list[dict], config, polic
         for start in range(0, len(by_length), size):
             chunk = by_length[start:start + size]
             c, r, _, _ = sequence_logps(model, [pairs[i] for i in chunk], policy.tokenizer.pad_token_id, device,
-                                        policy.packed)
+                                        policy.shared_prompt)
             out["chosen"][chunk], out["rejected"][chunk] = c.cpu(), r.cpu()
             bar.update(len(chunk))
     bar.close()
@@ -416,8 +394,8 @@ def run(config: DPOConfig) -> dict:
     tokenizer, device = policy.tokenizer, setup.placement.device
     pad_id = tokenizer.pad_token_id
     if config.share_prompt:
-        policy.packed = packing_matches(policy.model, pad_id, device, len(tokenizer))
-        if not policy.packed:
+        policy.shared_prompt = can_share_prompt(policy.model, pad_id, device, len(tokenizer))
+        if not policy.shared_prompt:
             print("note: this model does not give packed pairs the log-probs of single rows (4D attention mask); "
                   "chosen and rejected each run with their own copy of the prompt", file=sys.stderr)
     metrics_log = skeleton.start_outputs(setup, config)
@@ -451,7 +429,7 @@ def run(config: DPOConfig) -> dict:
 
     def order_of(pairs):
         lengths = [len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in pairs]
-        return skeleton.BatchOrder(lengths, config.batch_size, config.seed + round_no, config.group_by_length)
+        return skeleton.batch_order(config, lengths, config.seed + round_no)
 
     pairs, enc_stats, round_info = items_of(round_no)
     steps_per_round = state.get("steps_per_round") or skeleton.total_steps(config, len(pairs))
@@ -462,85 +440,70 @@ def run(config: DPOConfig) -> dict:
 
     # Build.
     steps = steps_per_round * config.rounds
-    optimizer = skeleton.make_optimizer(policy.model, config)
-    scheduler = skeleton.make_scheduler(optimizer, config, steps)
-    accelerator = setup.accelerator
-    skeleton.checkpoint_activations(policy.model, config)
-    model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
-    if config.lora:
-        skeleton.checkpoint_trainable_only(accelerator)
+    loop = skeleton.Loop(setup, config, policy.model, steps, order_of(pairs), metrics_log, unit="pairs",
+                         what="the DPO loss", desc=f"dpo ({config.loss})")
+    window, warned = [], False
 
-    order = order_of(pairs)
-    step = skeleton.restore_checkpoint(setup, order, strict=not config.lora) if setup.resume_from else 0
-
-    # Loop.
-    timer, train_time, seen_pairs, warned = runs.Timer(), 0.0, 0, False
-    model.train()
-    bar = skeleton.progress(steps, step, f"dpo ({config.loss})", show)
-    last_checkpoint, row, window = setup.resume_from, {}, []
-    # A resumed run's summary covers the whole run: the rounds and pairs before the checkpoint too.
-    rounds_log, pairs_before = list(state.get("rounds_log", [])), state.get("train_pairs", 0)
-    while step < steps:
-        if step >= round_no * steps_per_round:  # next online round: sample from the policy as it is now
-            rounds_log.append({"round": round_no, **round_info})
-            round_no += 1
-            bar.clear()
-            pairs, enc_stats, round_info = items_of(round_no)
-            extra_started = time.perf_counter()
-            ref = reference_logps(policy, pairs, config, False, device,
-                                  setup.out / f"ref_logps_round{round_no}.safetensors", show,
-                                  planned_indices(order_of(pairs), steps_per_round * config.grad_accum))
-            ref_time += time.perf_counter() - extra_started
-            order = order_of(pairs)
-            if "mean_sample_score" in round_info:
-                metrics_log.log(step, {"round": round_no, "round_sample_score": round_info["mean_sample_score"]})
-        started = time.perf_counter()
-        micro_rows = []
-        for _ in range(config.grad_accum):
-            indices = skeleton.shard(order.next(), accelerator)
-            loss, micro = pair_loss(model, pairs, ref, indices, config, pad_id, device, policy.packed)
-            skeleton.check_finite(loss, "the DPO loss", step + 1, last_checkpoint)
-            accelerator.backward(loss / config.grad_accum)
-            seen_pairs += len(indices)
-            micro_rows.append({**micro, "pairs": float(len(indices))})
-        row = skeleton.merge_micro_rows(micro_rows)
-        skeleton.optimizer_step(accelerator, model.parameters(), optimizer, scheduler, config.max_grad_norm)
-        step += 1
-        train_time += time.perf_counter() - started
+    def watch_chosen(step: int, row: dict) -> None:
+        """Warn once when the chosen answers' mean log-prob shift over --log-every steps falls below
+        -(--warn-chosen-drop) nats."""
+        nonlocal window, warned
         window = (window + [row["logps/chosen_shift"]])[-config.log_every:]
         if not warned and len(window) == config.log_every and sum(window) / len(window) < -config.warn_chosen_drop:
             warned = True
             print(f"\n[warning] step {step}: the chosen answers' log-prob is {-sum(window) / len(window):.1f} nats "
                   "below the reference. DPO widens the gap between chosen and rejected, which can also push the "
                   "chosen answer down; --loss rpo adds an NLL term that holds it up (see the README).", file=sys.stderr)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracy']:.2f}")
-        if step % config.log_every == 0 or step == steps:
-            metrics_log.log(step, {**row, "lr": scheduler.get_last_lr()[0], "round": round_no,
-                                   "pairs_per_s": seen_pairs / max(train_time, 1e-9)})
-        if config.eval_every and step % config.eval_every == 0 and eval_pairs:
-            metrics_log.log(step, evaluate(model, eval_pairs, eval_ref, config, pad_id, device, policy.packed))
-        if config.save_every and step % config.save_every == 0 and step < steps:
-            last_checkpoint = skeleton.save_checkpoint(setup, config, step, order,
-                                                     {"round": round_no, "steps_per_round": steps_per_round,
-                                                      "rounds_log": rounds_log,
-                                                      "train_pairs": pairs_before + seen_pairs})
-    bar.close()
+
+    def parts_of(pairs: list[dict], ref: dict, round_no: int) -> skeleton.StageParts:
+        def loss(model, indices: list[int]):
+            loss, figures = pair_loss(model, pairs, ref, indices, config, pad_id, device, policy.shared_prompt)
+            return loss, {**figures, "pairs": float(len(indices))}
+
+        return skeleton.StageParts(
+            batch=lambda indices: indices,
+            loss=loss,
+            merge=lambda figures, _: {**skeleton.merge_micro_rows(figures), "round": round_no},
+            evaluate=(lambda model: evaluate(model, eval_pairs, eval_ref, config, pad_id, device, policy.shared_prompt))
+            if eval_pairs else None,
+            postfix=lambda row: {"loss": f"{row['loss']:.4f}", "acc": f"{row['rewards/accuracy']:.2f}"},
+            after_step=watch_chosen,
+        )
+
+    # Loop, round by round. A resumed run's summary covers the whole run: the rounds before its checkpoint too.
+    rounds_log = list(state.get("rounds_log", []))
+    while loop.step < steps:
+        if loop.step >= round_no * steps_per_round:  # next online round: sample from the policy as it is now
+            rounds_log.append({"round": round_no, **round_info})
+            round_no += 1
+            loop.bar.clear()
+            pairs, enc_stats, round_info = items_of(round_no)
+            extra_started = time.perf_counter()
+            ref = reference_logps(policy, pairs, config, False, device,
+                                  setup.out / f"ref_logps_round{round_no}.safetensors", show,
+                                  planned_indices(order_of(pairs), steps_per_round * config.grad_accum))
+            ref_time += time.perf_counter() - extra_started
+            loop.order = order_of(pairs)
+            if "mean_sample_score" in round_info:
+                metrics_log.log(loop.step, {"round": round_no, "round_sample_score": round_info["mean_sample_score"]})
+        loop.run(parts_of(pairs, ref, round_no), until=round_no * steps_per_round,
+                 state={"round": round_no, "steps_per_round": steps_per_round, "rounds_log": rounds_log})
+    trained = loop.close()
     rounds_log.append({"round": round_no, **round_info})
 
     # Save.
-    unwrapped = accelerator.unwrap_model(model)
-    figures = evaluate(unwrapped, eval_pairs, eval_ref, config, pad_id, device, policy.packed) if eval_pairs else {}
-    if accelerator.is_main_process:
+    unwrapped, row = loop.unwrapped(), loop.row
+    figures = (evaluate(unwrapped, eval_pairs, eval_ref, config, pad_id, device, policy.shared_prompt)
+               if eval_pairs else {})
+    if setup.accelerator.is_main_process:
 
         save_trained_policy(unwrapped, tokenizer, setup.out, config.lora, policy.base_name)
-    summary = {"stage": "dpo", "loss_type": config.loss, "beta": config.beta, "steps": step,
-               "packed_pairs": policy.packed,
+    summary = {"stage": "dpo", "loss_type": config.loss, "beta": config.beta, **trained,
+               "shared_prompt": policy.shared_prompt,
                "final_loss": row.get("loss"), "final_train_accuracy": row.get("rewards/accuracy"),
                "final_margin": row.get("rewards/margin"), "final_chosen_shift": row.get("logps/chosen_shift"),
-               **figures, "pairs_per_s": seen_pairs / max(train_time + ref_time, 1e-9),
-               "train_pairs": pairs_before + seen_pairs, "train_time_s": train_time, "reference_time_s": ref_time,
-               "wall_time_s": timer.elapsed, "rounds": rounds_log, "reference": (
+               **figures, "pairs_per_s": loop.counted / max(loop.train_time + ref_time, 1e-9),
+               "reference_time_s": ref_time, "rounds": rounds_log, "reference": (
                    "adapter" if policy.reference_adapter else "adapters-off" if config.lora else
                    "precomputed" if config.precompute_ref else "live"),
                "rows_read": stats.rows_read if stats else 0, "rows_skipped": stats.rows_skipped if stats else 0,

@@ -2,7 +2,8 @@
 
 Documents are tokenized, each followed by EOS as the document separator, concatenated and cut
 into blocks of --max-length tokens (the tail shorter than a block is dropped). Every token is a
-label: no chat template, no masks. The loop is SFT's (`train_next_token`); the summary adds
+label: no chat template, no masks. The loop is SFT's (`train_next_token`), and a row of
+--batch-size and of the held-out --eval-fraction is a block; the summary adds
 held-out perplexity and a few greedy continuations so a person can see what the base model knows.
 """
 
@@ -14,15 +15,7 @@ import torch
 
 from rlhflab.data.formats import iter_raw_rows
 from rlhflab.errors import UsageError
-from rlhflab.models.loading import (
-    apply_lora,
-    build_fresh,
-    count_parameters,
-    fit_context,
-    load_causal_lm,
-    load_tokenizer,
-    save_model,
-)
+from rlhflab.models.loading import count_parameters, fit_context, load_trainable, save_model
 from rlhflab.train import skeleton
 from rlhflab.train.sft import train_next_token
 
@@ -78,25 +71,14 @@ def run(config) -> dict:
     if config.lora and not config.model:
         raise UsageError("--lora needs --model (a saved base); from scratch every weight is trained")
     docs, stats = read_documents(config.data, config.text_field, config.skip_bad_rows)
-    tokenizer_name = config.tokenizer or config.model
-    if tokenizer_name is None:
+    if config.tokenizer is None and config.model is None:
         raise UsageError("training from scratch needs --tokenizer (see `rlhflab tokenizer train`)")
     setup = skeleton.prepare_stage(config)
-    tokenizer = load_tokenizer(tokenizer_name, config.trust_remote_code, config.chat_template,
-                               "--tokenizer" if config.tokenizer else "--model")
-    if config.model:
-        model = load_causal_lm(config.model, setup.placement, config.trust_remote_code, train_full=not config.lora)
-        if config.lora:
-
-            model = apply_lora(model, config)
-    else:
-        model = build_fresh(config.preset or config.init_config, tokenizer, config.seed).to(setup.placement.device)
+    loaded = load_trainable(config, setup.placement, config.model, fresh=config.preset or config.init_config)
+    model, tokenizer = loaded.model, loaded.tokenizer
     config.max_length = fit_context(model, config.max_length)
     blocks = pack(docs, tokenizer, config.max_length)
-    n_eval = max(1, int(len(blocks) * config.eval_fraction)) if len(blocks) > 1 and config.eval_fraction else 0
-    generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(len(blocks), generator=generator).tolist()
-    held_out, train = [blocks[i] for i in order[:n_eval]], [blocks[i] for i in order[n_eval:]]
+    train, held_out = skeleton.held_out_split(blocks, config.eval_fraction, config.seed)
     if not train:
         raise UsageError(f"--data {config.data}: too little text for one block of --max-length {config.max_length} tokens")
 
@@ -105,7 +87,7 @@ def run(config) -> dict:
     trained_model = trained.pop("model")
     samples = greedy_samples(trained_model, tokenizer)
     if setup.accelerator.is_main_process:
-        save_model(trained_model, tokenizer, setup.out, config.model if config.lora else None)
+        save_model(trained_model, tokenizer, setup.out, loaded.base)
     eval_loss = trained["eval_loss"]
     summary = {
         "stage": "pretrain", **trained, "eval_perplexity": math.exp(min(eval_loss, 50)) if eval_loss else None,

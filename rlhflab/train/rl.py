@@ -9,7 +9,7 @@ How this departs from the papers, and why:
 - The KL to the reference is a per-token reward penalty (Ziegler et al. 2019, InstructGPT) for
   gae/rloo/reinforce++, and a k3 loss term for grpo (Shao et al. 2024), unless --kl-mode says
   otherwise; log-ratios are clamped and computed in fp32.
-- LoRA mode holds one copy of the base weights for all four roles (see rl_roles.py).
+- LoRA mode holds one copy of the base weights for all four roles (see train/roles.py).
 
 Dimensions: B rollouts per step (= prompts x --n-samples), P prompt tokens, R response tokens.
 """
@@ -27,14 +27,14 @@ from pathlib import Path
 import torch
 
 from rlhflab import losses, runs
-from rlhflab.config import ModelOptions, TrainOptions, opt
+from rlhflab.config import ModelOptions, Renamed, TrainOptions, opt
 from rlhflab.data.formats import Record, load_records
 from rlhflab.data.template import encode_prompt, stop_token_ids, turn_end_ids
-from rlhflab.errors import UsageError
+from rlhflab.errors import NonFiniteError, UsageError
 from rlhflab.infer.engine import SamplingParams, generate
 from rlhflab.rewards.model import load_reward_model, reads_policy_tokens, score_texts
 from rlhflab.train import skeleton
-from rlhflab.train.roles import active_adapter, base_weight_copies, load_judge_rm, load_roles, save_policy
+from rlhflab.train.roles import active_adapter, base_weight_copies, load_eval_reward_model, load_roles, save_policy
 from rlhflab.train.sft import collate, encode_dataset, nll_sum
 from rlhflab.world import judge, probe_prompts
 
@@ -44,6 +44,7 @@ class RLConfig(ModelOptions, TrainOptions):
     """PPO (critic + GAE) or a critic-free estimator against a reward model."""
 
     stage = "ppo"
+    deprecated_aliases = {"judge_rm": Renamed("eval_reward_model")}   # "judge" is the toy world's gold judge only
     # Training options that mean nothing here: a step is --rollout-prompts x --n-samples rollouts,
     # updated in --mini-batch slices for --ppo-epochs. Not options of `rlhflab ppo` (init=False),
     # so setting one is an unknown-option error rather than silently nothing.
@@ -59,8 +60,8 @@ class RLConfig(ModelOptions, TrainOptions):
                                    "template); or 'judge': the toy world's gold judge as a programmatic reward "
                                    "(toy-world prompts). With the last two the critic starts from SFT")
     prompts: str | None = opt(None, "prompts file (prompts/messages/pairs/rankings formats are accepted)")
-    estimator: str = opt("gae", "advantages: gae (PPO with a critic), grpo, rloo, reinforce++",
-                         ("gae", "grpo", "rloo", "reinforce++"))
+    estimator: str = opt("gae", "how advantages are estimated: gae is PPO with a critic (InstructGPT), the others "
+                         "are critic-free", losses.ESTIMATORS)   # the table says what each one needs
     critic: str = opt("separate", "separate: the critic has its own weights (InstructGPT; an adapter of its own under "
                       "LoRA); shared: a value head on the policy's body, one forward pass for both (faster; as "
                       "TRL 0.11 and DeepSpeed-Chat's actor-critic)", ("separate", "shared"))
@@ -74,7 +75,7 @@ class RLConfig(ModelOptions, TrainOptions):
     mini_batch: int = opt(8, "rollouts per gradient step inside an update")
     ppo_epochs: int = opt(2, "passes over each rollout")
     max_new_tokens: int = opt(48, "longest response")
-    min_new_tokens: int = opt(1, "suppress EOS until this many tokens were generated (seed 001's fix); 0 = off")
+    min_new_tokens: int = opt(1, "suppress EOS until this many tokens were generated, so that an empty answer cannot be sampled; 0 = off")
     temperature: float = opt(1.0, "sampling temperature of rollouts")
     top_p: float = opt(1.0, "nucleus sampling of rollouts")
     kl_coef: float = opt(0.05, "initial KL coefficient beta")
@@ -100,8 +101,9 @@ class RLConfig(ModelOptions, TrainOptions):
     probe_every: int = opt(10, "append responses to the probe prompts to samples.jsonl every N steps (0 = off)")
     alarm_window: int = opt(5, "logged steps over which reward and gold-score trends are compared")
     max_nonfinite: int = opt(3, "stop after this many non-finite batches in a row")
-    judge_rm: str | None = opt(None, "a second, held-out reward model (from `rlhflab rm`, or a Hugging Face sequence "
-                                     "classifier) used as the gold signal when prompts are not toy-world ones")
+    eval_reward_model: str | None = opt(None, "a second, held-out reward model (from `rlhflab rm`, or a Hugging Face "
+                                              "sequence classifier) used as the gold signal when prompts are not "
+                                              "toy-world ones")
     max_rows: int = opt(0, "use at most this many prompts (0 = all)")
     max_length: int = opt(256, "longest prompt in tokens (longer prompts keep their end)")
     lr: float = opt(1e-4, "policy learning rate")
@@ -117,8 +119,9 @@ class RLConfig(ModelOptions, TrainOptions):
                              "or 'judge' on toy-world prompts)")
         if not self.prompts:
             raise UsageError("give --prompts (a file of prompts)")
-        if self.estimator in ("grpo", "rloo") and self.n_samples < 2:
-            raise UsageError(f"--estimator {self.estimator} compares responses to the same prompt: --n-samples must be >= 2")
+        if self.n_samples < self.estimator_spec.min_samples:
+            raise UsageError(f"--estimator {self.estimator} compares responses to the same prompt: --n-samples must "
+                             f"be >= {self.estimator_spec.min_samples}")
         if self.ptx_coef > 0 and not self.ptx_data:
             raise UsageError("--ptx-coef > 0 needs --ptx-data (SFT conversations)")
         for name in ("n_samples", "rollout_prompts", "mini_batch", "ppo_epochs", "max_new_tokens"):
@@ -128,8 +131,12 @@ class RLConfig(ModelOptions, TrainOptions):
             raise UsageError("--min-new-tokens must not exceed --max-new-tokens")
 
     @property
+    def estimator_spec(self) -> losses.Estimator:
+        return losses.ESTIMATORS[self.estimator]
+
+    @property
     def kl_in_loss(self) -> bool:
-        return self.kl_mode == "loss" or (self.kl_mode == "auto" and self.estimator == "grpo")
+        return self.kl_mode == "loss" or (self.kl_mode == "auto" and self.estimator_spec.kl_in_loss)
 
 
 JUDGE = "judge"  # --reward judge: the toy world's gold judge instead of a reward model
@@ -145,9 +152,9 @@ class Rollout:
     mask: torch.Tensor            # (B, R) 1 on response tokens (stop token included)
     old_logprobs: torch.Tensor    # (B, R) under the policy that generated it
     ref_logprobs: torch.Tensor    # (B, R) under the reference
-    values: torch.Tensor | None   # (B, R) critic values (gae only)
+    values: torch.Tensor | None   # (B, R) critic values (estimators with a critic only)
     advantages: torch.Tensor      # (B, R)
-    returns: torch.Tensor | None  # (B, R) value targets (gae only)
+    returns: torch.Tensor | None  # (B, R) value targets (estimators with a critic only)
     rendered: tuple[torch.Tensor, torch.Tensor] | None = None  # ids, mask as a reward model reads them
 
 
@@ -159,23 +166,24 @@ def repetition(tokens: list[int]) -> float:
 
 class GoldSignal:
     """The ground truth the monitors compare the reward with: the toy world's judge on world
-    prompts, or a second, held-out reward model (--judge-rm)."""
+    prompts, or a second, held-out reward model (--eval-reward-model) that reads the policy's tokens
+    (`eval_rm`) or the answers' text (`eval_rm_text`)."""
 
-    def __init__(self, records, judge_rm=None, judge_text=None):
-        self.judge, self.judge_rm, self.judge_text = judge, judge_rm, judge_text
+    def __init__(self, records, eval_rm=None, eval_rm_text=None):
+        self.judge, self.eval_rm, self.eval_rm_text = judge, eval_rm, eval_rm_text
         self.world = all(r.meta.get("family") for r in records)
 
     @property
     def available(self) -> bool:
-        return self.world or self.judge_rm is not None or self.judge_text is not None
+        return self.world or self.eval_rm is not None or self.eval_rm_text is not None
 
     def __call__(self, records, texts, input_ids=None, attention_mask=None) -> float | None:
         if self.world:
             return sum(self.judge(r.messages, t, r.meta).score for r, t in zip(records, texts)) / len(texts)
-        if self.judge_rm is not None:
-            return float(self.judge_rm.scores(input_ids, attention_mask).mean())
-        if self.judge_text is not None:
-            return sum(self.judge_text(records, texts)) / len(texts)
+        if self.eval_rm is not None:
+            return float(self.eval_rm.scores(input_ids, attention_mask).mean())
+        if self.eval_rm_text is not None:
+            return sum(self.eval_rm_text(records, texts)) / len(texts)
         return None
 
 
@@ -226,7 +234,8 @@ def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, mome
                  for i in range(0, ids.shape[0], config.mini_batch)]
         return [torch.cat(p) for p in zip(*parts)] if isinstance(parts[0], tuple) else torch.cat(parts)
 
-    shared = config.estimator == "gae" and roles.shared_critic
+    estimator = config.estimator_spec
+    shared = estimator.critic and roles.shared_critic
     if shared:
         old_logprobs, entropy, shared_values = passes(
             lambda ids, am: roles.policy_and_values(ids, am, prompt_len, with_entropy=True))
@@ -249,21 +258,12 @@ def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, mome
         scores = scores.clamp(-config.reward_clip, config.reward_clip)
     kl = losses.kl_penalty(old_logprobs, ref_logprobs, kind=config.kl_estimator) * mask  # (B, R)
     reward_kl = torch.zeros_like(kl) if config.kl_in_loss else kl
-    values = returns = None
-    group = config.n_samples
-    if config.estimator == "gae":
+    values = None
+    if estimator.critic:
         values = (shared_values if shared else passes(lambda ids, am: roles.values(ids, am, prompt_len))).float() * mask
-        token_rewards = losses.token_rewards(scores, reward_kl, mask, kl_ctl.value)
-        advantages, returns = losses.gae(token_rewards, values, mask, config.gamma, config.lam)
-    elif config.estimator == "reinforce++":
-        token_rewards = losses.token_rewards(scores, reward_kl, mask, kl_ctl.value)
-        advantages = losses.reinforce_pp_advantages(token_rewards, mask, config.gamma)
-    else:
-        sequence_scores = scores - kl_ctl.value * reward_kl.sum(-1)
-        per_sequence = (losses.grpo_advantages(sequence_scores, group) if config.estimator == "grpo"
-                        else losses.rloo_advantages(sequence_scores, group))
-        advantages = losses.broadcast_to_tokens(per_sequence, mask)
-    if config.whiten_advantages and config.estimator in ("gae",):
+    advantages, returns = estimator.advantages(losses.AdvantageInputs(
+        scores, reward_kl, mask, kl_ctl.value, config.n_samples, config.gamma, config.lam, values))
+    if config.whiten_advantages and estimator.whiten:
         advantages = losses.masked_whiten(advantages, mask)
     rollout = Rollout(input_ids, attention_mask, prompt_len, mask, old_logprobs, ref_logprobs, values,
                       advantages * mask, returns, rendered)
@@ -291,10 +291,11 @@ def update(roles, optimizer, accelerator, rollout: Rollout, config: RLConfig, kl
     sums: dict[str, float] = {}
     count, stopped_early = 0, False
     group = roles.pack_group  # packed rows need whole groups: shuffle groups, not rows
+    critic = config.estimator_spec.critic
     for _ in range(config.ppo_epochs):
         for idx in (torch.randperm(batch // group)[:, None] * group + torch.arange(group)).flatten().split(config.mini_batch):
             ids, am, mask = rollout.input_ids[idx], rollout.attention_mask[idx], rollout.mask[idx]
-            shared = config.estimator == "gae" and roles.shared_critic
+            shared = critic and roles.shared_critic
             if shared:
                 logprobs, entropy, values = roles.policy_and_values(ids, am, rollout.prompt_len,
                                                                     with_entropy=bool(config.entropy_coef))
@@ -318,7 +319,7 @@ def update(roles, optimizer, accelerator, rollout: Rollout, config: RLConfig, kl
             # forward builds another (the gradients add up the same). A shared one: one graph, one backward.
             if not shared:
                 accelerator.backward(loss)
-            if config.estimator == "gae":
+            if critic:
                 if not shared:
                     values = roles.values(ids, am, rollout.prompt_len)
                 vf_loss, vf_metrics = losses.value_loss(values, rollout.values[idx], rollout.returns[idx], mask,
@@ -396,13 +397,14 @@ def as_rendered(gen, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gold_signal(records, config: RLConfig, placement, tokenizer) -> GoldSignal:
-    """The monitors' ground truth: the toy world's judge, or --judge-rm (any kind of reward model)."""
+    """The monitors' ground truth: the toy world's judge, or --eval-reward-model (any kind of reward model)."""
 
-    if not config.judge_rm:
+    if not config.eval_reward_model:
         return GoldSignal(records)
-    if not reads_policy_tokens(config.judge_rm, tokenizer, config.trust_remote_code):
-        return GoldSignal(records, judge_text=text_scores(config.judge_rm, placement, config, "--judge-rm"))
-    return GoldSignal(records, load_judge_rm(config.judge_rm, placement))
+    if not reads_policy_tokens(config.eval_reward_model, tokenizer, config.trust_remote_code):
+        return GoldSignal(records, eval_rm_text=text_scores(config.eval_reward_model, placement, config,
+                                                            "--eval-reward-model"))
+    return GoldSignal(records, load_eval_reward_model(config.eval_reward_model, placement))
 
 
 def text_scores(path: str, placement, config: RLConfig, option: str):
@@ -455,12 +457,12 @@ def run(config: RLConfig) -> dict:
     setup = skeleton.prepare_stage(config)
     roles, tokenizer, info = load_roles(config, setup.placement)
     reward_from_text = text_reward(config, setup.placement, tokenizer)
-    if config.share_prompt and config.estimator != "gae" and config.n_samples > 1:
+    if config.share_prompt and not config.estimator_spec.critic and config.n_samples > 1:
         if config.mini_batch % config.n_samples:
             print(f"note: --mini-batch {config.mini_batch} is not a multiple of --n-samples {config.n_samples}, so a "
                   "prompt's samples can fall in different mini-batches: each runs with its own copy of the prompt",
                   file=sys.stderr)
-        elif roles.packing_matches(len(tokenizer)):
+        elif roles.can_share_prompt(len(tokenizer)):
             roles.pack_group = config.n_samples
         else:
             print("note: this model does not give packed rows the log-probs of single ones (4D attention mask); "
@@ -471,7 +473,7 @@ def run(config: RLConfig) -> dict:
     # Build.
     accelerator = setup.accelerator
     groups = [{"params": roles.trainable_parameters("policy"), "lr": config.lr}]
-    if config.estimator == "gae":
+    if config.estimator_spec.critic:
         groups.append({"params": roles.trainable_parameters("critic"), "lr": config.critic_lr or config.lr})
     optimizer = skeleton.adamw(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = skeleton.make_scheduler(optimizer, config, config.max_steps)
@@ -512,8 +514,6 @@ def run(config: RLConfig) -> dict:
             nonfinite += 1
             dump_nonfinite(setup.out, step + 1, batch_records, str(exc))
             if nonfinite >= config.max_nonfinite:
-                from rlhflab.errors import NonFiniteError
-
                 raise NonFiniteError(f"{exc} in {nonfinite} batches in a row, last at step {step + 1}; batches dumped "
                                      f"to {setup.out / 'nonfinite'} (last good checkpoint: {last_checkpoint})") from None
             step += 1
@@ -546,7 +546,7 @@ def run(config: RLConfig) -> dict:
     if accelerator.is_main_process:
         save_policy(roles_module, tokenizer, setup.out, info)
     tail = history[-max(1, len(history) // 5):]
-    summary = {"stage": config.stage, "estimator": config.estimator, "packed_samples": roles_module.pack_group > 1,
+    summary = {"stage": config.stage, "estimator": config.estimator, "shared_prompt": roles_module.pack_group > 1,
                "steps": step, "wall_time_s": timer.elapsed,
                **{f"final_{k}": sum(r[k] for r in tail) / len(tail) for k in
                   ("reward", "kl_k1", "response_len", "empty_rate", "gold") if tail and all(k in r for r in tail)},

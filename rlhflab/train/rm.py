@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
-from rlhflab import losses, runs
+from rlhflab import losses
 from rlhflab.config import DataOptions, ModelOptions, TrainOptions, opt
 from rlhflab.data.template import encode_chat
 from rlhflab.errors import UsageError
 from rlhflab.rewards.degenerate import degenerate_answers
-from rlhflab.rewards.model import build_reward_model, save_reward_model, score_groups, sharing_matches
+from rlhflab.rewards.model import build_reward_model, can_share_prompt, save_reward_model, score_groups
 from rlhflab.train import skeleton
 
 
@@ -39,7 +38,7 @@ class RMConfig(ModelOptions, DataOptions, TrainOptions):
     harden: bool = opt(False, "add degenerate answers (empty, repeated, filler ...) as extra rejected responses")
     harden_weight: float = opt(1.0, "--harden: weight of the (best, degenerate) pairs' mean loss beside the real comparisons'")
     harden_kinds: int = opt(3, "--harden: degenerate answers added per prompt, rotating over all kinds (0 = all)")
-    batch_size: int = opt(8, "pairs (pairwise) or prompts (ranking) per micro-batch")
+    batch_size: int = opt(8, "pairs (pairwise) or prompts (ranking) per micro-batch, counted over all processes")
     lr: float = opt(1e-4, "peak learning rate")
     max_length: int = opt(256, "longest prompt + response in tokens (longer ones keep their end, "
                                            "where the score is read)")
@@ -172,8 +171,8 @@ def run(config: RMConfig) -> dict:
     records, eval_records, stats = skeleton.load_preferences(config)
     setup = skeleton.prepare_stage(config)
     model, tokenizer, info = build_reward_model(config, setup.placement)
-    share = config.share_prompt and sharing_matches(model, tokenizer.pad_token_id, next(model.parameters()).device,
-                                                    len(tokenizer))
+    share = config.share_prompt and can_share_prompt(model, tokenizer.pad_token_id, next(model.parameters()).device,
+                                                     len(tokenizer))
     if config.share_prompt and not share:
         print("note: this model does not score packed rows exactly as single ones (4D attention mask); "
               "each response runs with its own copy of the prompt", file=sys.stderr)
@@ -183,58 +182,31 @@ def run(config: RMConfig) -> dict:
     items = as_pairs(train_rows) if config.loss == "pairwise" else train_rows
 
     # Build.
-    steps = skeleton.total_steps(config, len(items))
-    optimizer = skeleton.make_optimizer(model, config)
-    scheduler = skeleton.make_scheduler(optimizer, config, steps)
-    accelerator = setup.accelerator
-    skeleton.checkpoint_activations(model, config)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if config.lora:
-        skeleton.checkpoint_trainable_only(accelerator)
     lengths = [sum(map(len, item[:2])) + sum(map(len, item[2])) for item in items] if config.loss == "pairwise" else \
         [sum(map(len, item["seqs"])) for item in items]
-    order = skeleton.BatchOrder(lengths, config.batch_size, config.seed, config.group_by_length)
+    order = skeleton.batch_order(config, lengths)
     metrics_log = skeleton.start_outputs(setup, config)
-    step = skeleton.restore_checkpoint(setup, order, strict=not config.lora) if setup.resume_from else 0
-    pad_id, device = tokenizer.pad_token_id, accelerator.device
+    loop = skeleton.Loop(setup, config, model, skeleton.total_steps(config, len(items)), order, metrics_log,
+                         unit="pairs", what="the reward-model loss")
+    pad_id, device = tokenizer.pad_token_id, setup.accelerator.device
 
     # Loop.
-    timer, train_time, seen_pairs = runs.Timer(), 0.0, 0
-    model.train()
-    bar = skeleton.progress(steps, step, "rm", config.progress and accelerator.is_main_process)
-    last_checkpoint, row = setup.resume_from, {}
-    while step < steps:
-        started = time.perf_counter()
-        micro_rows = []
-        for _ in range(config.grad_accum):
-            batch = [items[i] for i in skeleton.shard(order.next(), accelerator)]
-            loss, micro = batch_loss(model, batch, config, pad_id, device, share)
-            skeleton.check_finite(loss, "the reward-model loss", step + 1, last_checkpoint)
-            accelerator.backward(loss / config.grad_accum)
-            seen_pairs += int(micro["pairs"])
-            micro_rows.append(micro)
-        row = skeleton.merge_micro_rows(micro_rows)
-        skeleton.optimizer_step(accelerator, model.parameters(), optimizer, scheduler, config.max_grad_norm)
-        step += 1
-        train_time += time.perf_counter() - started
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
-        if step % config.log_every == 0 or step == steps:
-            metrics_log.log(step, {**row, "lr": scheduler.get_last_lr()[0], "pairs_per_s": seen_pairs / train_time})
-        if config.eval_every and step % config.eval_every == 0 and eval_rows:
-            metrics_log.log(step, evaluate(accelerator.unwrap_model(model), eval_rows, pad_id, device, share=share))
-        if config.save_every and step % config.save_every == 0 and step < steps:
-            last_checkpoint = skeleton.save_checkpoint(setup, config, step, order)
-    bar.close()
+    loop.run(skeleton.StageParts(
+        batch=lambda rows: [items[i] for i in rows],
+        loss=lambda model, batch: batch_loss(model, batch, config, pad_id, device, share),
+        evaluate=(lambda model: evaluate(setup.accelerator.unwrap_model(model), eval_rows, pad_id, device, share=share))
+        if eval_rows else None,
+        postfix=lambda row: {"loss": f"{row['loss']:.4f}", "acc": f"{row['accuracy']:.2f}"},
+    ))
+    trained = loop.close()
 
     # Save.
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = loop.unwrapped()
     figures = evaluate(unwrapped, eval_rows, pad_id, device, share=share) if eval_rows else {}
-    if accelerator.is_main_process:
+    if setup.accelerator.is_main_process:
         save_reward_model(unwrapped, tokenizer, setup.out, info)
-    summary = {"stage": "rm", "loss_type": config.loss, "steps": step, "final_loss": row.get("loss"),
-               "final_train_accuracy": row.get("accuracy"), **figures, "pairs_per_s": seen_pairs / max(train_time, 1e-9),
-               "train_pairs": seen_pairs, "train_time_s": train_time, "wall_time_s": timer.elapsed,
+    summary = {"stage": "rm", "loss_type": config.loss, **trained, "final_loss": loop.row.get("loss"),
+               "final_train_accuracy": loop.row.get("accuracy"), **figures,
                "rows_read": stats.rows_read, "rows_used": stats.rows_used, "rows_skipped": stats.rows_skipped,
                "rows_truncated": truncated, "harden": config.harden, "lora": config.lora, "shared_prompt": share}
     return skeleton.finish(setup, summary)

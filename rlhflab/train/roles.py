@@ -22,11 +22,10 @@ import copy
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from rlhflab.errors import UsageError
-from rlhflab.losses import entropy_from_logits, gather_logprobs
+from rlhflab.losses import entropy_from_logits, gather_logprobs, last_token_index
 from rlhflab.models.forward import (
     _forward_kwargs,
     active_adapter,
@@ -41,6 +40,7 @@ from rlhflab.models.loading import (
     is_adapter_dir,
     load_causal_lm,
     load_tokenizer,
+    load_trainable,
     record_adapter_base,
     save_model,
 )
@@ -99,7 +99,7 @@ class Roles(nn.Module):
                 return packed_response_logprobs(model, input_ids, attention_mask, prompt_len, group, with_entropy)
             return response_logprobs(model, input_ids, attention_mask, prompt_len, with_entropy)
 
-    def packing_matches(self, vocab_size: int) -> bool:
+    def can_share_prompt(self, vocab_size: int) -> bool:
         """Whether the policy gives packed groups the log-probs it gives single rows, on a made-up
         rollout (two prompts, one left-padded, two samples each). Models that cannot take a 4D
         mask or explicit positions fail here and RL runs every sample with its own prompt."""
@@ -145,8 +145,7 @@ class Roles(nn.Module):
         model, adapter, switch = self._role("reward")
         with active_adapter(model, adapter) if switch else contextlib.nullcontext():
             hidden = hidden_states(model, input_ids, attention_mask)
-        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)  # (B,)
-        assert bool(attention_mask.gather(1, last[:, None]).all()), "score read at a pad position"
+        last = last_token_index(attention_mask)  # (B,)
         return self.score_head(hidden[torch.arange(hidden.shape[0]), last].float()).squeeze(-1)
 
     def trainable_parameters(self, role: str) -> list[nn.Parameter]:
@@ -216,7 +215,7 @@ def load_roles(config, placement):
     info = {"base": base_name, "policy_is_adapter": policy_is_adapter}
 
     if not config.lora:
-        policy = load_causal_lm(policy_dir, placement, config.trust_remote_code, train_full=True)
+        policy = load_trainable(config, placement, policy_dir, "--policy", tokenizer=tokenizer).model
         reference = clone_frozen(policy)
         frozen = {"reference": reference}
         if rm_dir:
@@ -224,7 +223,7 @@ def load_roles(config, placement):
         critic_source = rm_dir if critic_init == "reward" else policy_dir
         # Critic-free estimators never run the critic: do not hold a fourth model for it.
         critic = (load_causal_lm(critic_source, placement, config.trust_remote_code, train_full=True)
-                  if config.estimator == "gae" and config.critic == "separate" else None)
+                  if config.estimator_spec.critic and config.critic == "separate" else None)
         hidden = policy.config.hidden_size
         score_head = load_score_head(rm_dir, hidden, placement.device) if rm_dir else None
         from_reward = critic_init == "reward" and config.critic == "separate"
@@ -240,19 +239,12 @@ def load_roles(config, placement):
             f"base as the policy ({base_name}); {rm_dir} is "
             + (f"an adapter on {adapter_base(rm_dir)}" if rm_is_adapter else "a full model")
             + ". Train it with `rlhflab rm --lora --model <the SFT model>`, or run PPO without --lora.")
-    base = load_causal_lm(base_name, placement, config.trust_remote_code)
-    base.requires_grad_(False)
-    if policy_is_adapter:
-        lm = PeftModel.from_pretrained(base, policy_dir, adapter_name="default", is_trainable=True)
+    lm = load_trainable(config, placement, policy_dir, "--policy", tokenizer=tokenizer).model
+    reference_adapter = None  # the SFT weights are the base: adapters off
+    if policy_is_adapter:   # the policy trains on from the SFT adapter; a frozen copy of it is the reference
         lm.load_adapter(policy_dir, adapter_name="reference", is_trainable=False)
         reference_adapter = "reference"
-    else:
-        targets = "all-linear" if config.lora_target == "all-linear" else config.lora_target.split(",")
-        fresh = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                           target_modules=targets, task_type="CAUSAL_LM")
-        lm = get_peft_model(base, fresh, adapter_name="default")
-        reference_adapter = None  # the SFT weights are the base: adapters off
-    hidden = base.config.hidden_size
+    hidden = lm.get_base_model().config.hidden_size
     score_head = None
     if rm_dir:
         lm.load_adapter(rm_dir, adapter_name="reward", is_trainable=False)
@@ -267,7 +259,7 @@ def load_roles(config, placement):
         value_head = _value_head(hidden, None, placement.device)
     # load_adapter/add_adapter may toggle flags: set exactly what trains.
     for name, param in lm.named_parameters():
-        param.requires_grad = (".default." in name) or (config.estimator == "gae" and ".critic." in name)
+        param.requires_grad = (".default." in name) or (config.estimator_spec.critic and ".critic." in name)
     roles = Roles(lm, value_head, score_head, lora=True, reference_adapter=reference_adapter,
                   reward_adapter="reward" if rm_dir else None,
                   critic_adapter=None if config.critic == "shared" else "critic",
@@ -285,11 +277,11 @@ def _value_head(hidden: int, score_head: nn.Linear | None, device) -> ValueHead:
     return head
 
 
-def load_judge_rm(path: str, placement):
+def load_eval_reward_model(path: str, placement):
     """A second, held-out reward model for the monitors: an object with .scores(ids, mask)."""
 
-    model = clone_frozen(load_causal_lm(path, placement, option="--judge-rm"))
-    head = load_score_head(Path(path), model.config.hidden_size, placement.device, "--judge-rm")
+    model = clone_frozen(load_causal_lm(path, placement, option="--eval-reward-model"))
+    head = load_score_head(Path(path), model.config.hidden_size, placement.device, "--eval-reward-model")
     head.requires_grad_(False)
     return Roles(model, ValueHead(model.config.hidden_size), head, lora=False, reference_adapter=None,
                  reward_adapter=None, critic_adapter=None, frozen={"reward": model})

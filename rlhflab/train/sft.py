@@ -8,17 +8,13 @@ is a seeded, resumable sequence, so resuming gives the same next loss as an unin
 
 from __future__ import annotations
 
-import contextlib
-import time
-
 import torch
 
-from rlhflab import runs
 from rlhflab.data.formats import load_records
 from rlhflab.data.template import IGNORE_INDEX, encode_chat
 from rlhflab.errors import UsageError
 from rlhflab.models.heads import answer_selection, logits_at, padding_mask_for
-from rlhflab.models.loading import count_parameters, load_for_training, save_model
+from rlhflab.models.loading import count_parameters, fit_context, load_trainable, save_model
 from rlhflab.train import skeleton
 
 
@@ -71,16 +67,12 @@ def evaluate(model, examples: list[dict], pad_id: int, device, batch_size: int) 
 
 
 def split_eval(records, config):
+    """(train, held-out) conversations: --eval-data, or the skeleton's split of --data in file order."""
     if config.eval_data:
         eval_records, _ = load_records(config.eval_data, "sft", config.format, config.skip_bad_rows,
                                        0, config.hc3_answers, option="--eval-data")
         return records, eval_records
-    n_eval = int(len(records) * config.eval_fraction)
-    if n_eval == 0:
-        return records, []
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+    return skeleton.held_out_split(records, config.eval_fraction, config.seed, keep_order=True)
 
 
 def run(config) -> dict:
@@ -91,7 +83,9 @@ def run(config) -> dict:
                                   config.max_rows, config.hc3_answers)
     train_records, eval_records = split_eval(records, config)
     setup = skeleton.prepare_stage(config)
-    model, tokenizer, base_name = load_for_training(config, setup.placement)
+    loaded = load_trainable(config, setup.placement, config.model, fresh=config.init_config)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    config.max_length = fit_context(model, config.max_length)
     train, encode_stats = encode_dataset(train_records, tokenizer, config.max_length)
     held_out, _ = encode_dataset(eval_records, tokenizer, config.max_length)
     if not train:
@@ -101,7 +95,7 @@ def run(config) -> dict:
 
     # Save.
     if setup.accelerator.is_main_process:
-        save_model(trained.pop("model"), tokenizer, setup.out, base_name)
+        save_model(trained.pop("model"), tokenizer, setup.out, loaded.base)
     summary = {
         "stage": "sft", **trained, "rows_read": stats.rows_read, "rows_used": stats.rows_used,
         "rows_skipped": stats.rows_skipped, "examples_train": len(train), "examples_eval": len(held_out),
@@ -111,65 +105,36 @@ def run(config) -> dict:
     return skeleton.finish(setup, summary)
 
 
+def labelled_tokens(batch: dict) -> int:
+    """Tokens whose next-token loss is trained (a label follows them)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def train_next_token(config, setup, model, tokenizer, train: list[dict], held_out: list[dict]) -> dict:
-    """The next-token training loop shared by SFT and pretraining (examples: input_ids + labels).
-
-    Returns the loop's figures and, under "model", the unwrapped trained model.
+    """Build and run the skeleton's loop on next-token examples (input_ids + labels): SFT's and
+    pretraining's. Returns the loop's figures and, under "model", the unwrapped trained model.
     """
-    steps = skeleton.total_steps(config, len(train))
-    optimizer = skeleton.make_optimizer(model, config)
-    scheduler = skeleton.make_scheduler(optimizer, config, steps)
-    accelerator = setup.accelerator
-    skeleton.checkpoint_activations(model, config)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if config.lora:
-        skeleton.checkpoint_trainable_only(accelerator)
-    order = skeleton.BatchOrder([len(e["input_ids"]) for e in train], config.batch_size * accelerator.num_processes,
-                              config.seed, config.group_by_length)
+    pad_id, device = tokenizer.pad_token_id, setup.accelerator.device
+    order = skeleton.batch_order(config, [len(e["input_ids"]) for e in train])
     metrics = skeleton.start_outputs(setup, config)
-    step = skeleton.restore_checkpoint(setup, order, strict=not config.lora) if setup.resume_from else 0
-    tokens = setup.state.get("tokens", 0)
-    last_checkpoint = setup.resume_from
-    pad_id, device = tokenizer.pad_token_id, accelerator.device
+    loop = skeleton.Loop(setup, config, model, skeleton.total_steps(config, len(train)), order, metrics,
+                         unit="tokens", what="the training loss")
 
-    # Loop.
-    model.train()
-    timer, train_time = runs.Timer(), 0.0
-    loss_value = float("nan")
-    bar = skeleton.progress(steps, step, config.stage, config.progress and accelerator.is_main_process)
-    while step < steps:
-        started = time.perf_counter()
-        micro = [collate([train[i] for i in skeleton.shard(order.next(), accelerator)], pad_id, device)
-                 for _ in range(config.grad_accum)]
-        n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        step_loss = 0.0
-        for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1
-            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                loss_sum, _ = nll_sum(model, batch)
-                skeleton.check_finite(loss_sum, "the training loss", step + 1, last_checkpoint)
-                accelerator.backward(loss_sum / max(n_labels, 1))
-            step_loss += loss_sum.item()
-            tokens += int(batch["attention_mask"].sum())
-        grad_norm = skeleton.optimizer_step(accelerator, model.parameters(), optimizer, scheduler, config.max_grad_norm)
-        step += 1
-        train_time += time.perf_counter() - started
-        loss_value = step_loss / max(n_labels, 1)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        if step % config.log_every == 0 or step == steps:
-            row = {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(train_time, 1e-9),
-                   "epoch": order.epoch + order.index / max(1, len(order._batches))}
-            if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
-            metrics.log(step, row)
-        if config.eval_every and step % config.eval_every == 0 and held_out:
-            metrics.log(step, {"eval_loss": evaluate(model, held_out, pad_id, device, config.batch_size)})
-        if config.save_every and step % config.save_every == 0 and step < steps:
-            last_checkpoint = skeleton.save_checkpoint(setup, config, step, order, {"tokens": tokens})
-    bar.close()
+    def loss(model, batch: dict):
+        loss_sum, _ = nll_sum(model, batch)
+        return loss_sum, {"loss_sum": loss_sum.item(), "tokens": int(batch["attention_mask"].sum())}
 
-    eval_loss = evaluate(model, held_out, pad_id, device, config.batch_size) if held_out else None
-    return {"model": accelerator.unwrap_model(model), "steps": step, "final_loss": loss_value,
-            "eval_loss": eval_loss, "tokens_per_s": tokens / max(train_time, 1e-9), "train_tokens": tokens,
-            "wall_time_s": timer.elapsed, "train_time_s": train_time, "device": str(device)}
+    def held_out_loss(model) -> dict:
+        return {"eval_loss": evaluate(model, held_out, pad_id, device, config.batch_size)}
+
+    loop.run(skeleton.StageParts(
+        batch=lambda rows: collate([train[i] for i in rows], pad_id, device),
+        loss=loss,
+        weight=labelled_tokens,   # summed losses over the step's labelled tokens: 8x1 equals 1x8
+        merge=lambda figures, n_labels: {"loss": sum(f["loss_sum"] for f in figures) / max(n_labels, 1)},
+        evaluate=held_out_loss if held_out else None,
+    ))
+    figures = loop.close()
+    eval_loss = held_out_loss(loop.model)["eval_loss"] if held_out else None
+    return {"model": loop.unwrapped(), **figures, "final_loss": loop.row.get("loss", float("nan")),
+            "eval_loss": eval_loss, "device": str(device)}

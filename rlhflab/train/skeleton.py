@@ -1,15 +1,28 @@
-"""What every training stage shares: placement and accelerate set-up, the optimizer and schedule,
-a resumable batch order, atomic checkpoints and the closing summary. Each stage keeps its own
-loop (load, build, loop, save); only these building blocks are shared.
+"""One training skeleton for sft, pretrain, rm and dpo: placement and accelerate set-up, the
+held-out split, the batch order, the optimizer loop (accumulation, schedule, clipping, logging,
+periodic eval, checkpoints, resume) and the closing summary. A stage file reads load, build, loop,
+save, and hands the loop only what is its own (`StageParts`: how a micro-batch is made and scored,
+its eval, its figures). PPO (rl.py) keeps its own on-policy loop and uses the building blocks.
+
+What a word means in every stage:
+- batch: `--batch-size` rows per micro-batch summed over all processes (each process takes its
+  shard, `shard`); an optimizer step runs `--grad-accum` of them. Rows are a stage's training
+  items: conversations (sft), blocks (pretrain), pairs or prompts (rm), pairs (dpo).
+- split: `held_out_split`, the first max(1, int(rows * --eval-fraction)) of a seeded permutation.
+- schedule: `total_steps` optimizer steps, warmup then decay over them (`make_scheduler`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +71,10 @@ def prepare_stage(config) -> Setup:
         log_with=log_with,
         project_dir=str(out),
     )
+    processes = accelerator.num_processes
+    if "batch_size" in {f.name for f in cfg.fields_of(type(config))} and config.batch_size < processes:
+        raise UsageError(f"--batch-size {config.batch_size}: the micro-batch is counted over all processes and "
+                         f"split between them; with {processes} processes give at least {processes}")
     set_seed(config.seed)
     state = runs.load_trainer_state(resume_from) if resume_from else {}
     planned, now = state.get("plan"), _plan(config)
@@ -73,20 +90,31 @@ def _plan(config) -> dict:
             if hasattr(config, name)}
 
 
-def load_preferences(config) -> tuple[list, list, object]:
-    """(train records, held-out records, read stats) of --data preference pairs or rankings.
+def held_out_split(rows: list, fraction: float, seed: int, keep_order: bool = False) -> tuple[list, list]:
+    """(train, held out): how every stage splits --data when --eval-data is absent.
 
-    The held-out set is --eval-data, or a seeded --eval-fraction of --data (at least one record
-    when there are two or more; none with --eval-fraction 0).
+    The held-out rows are the first max(1, int(len(rows) * fraction)) of a permutation seeded by
+    `seed`: at least one when there are two rows or more, none with fraction 0 or a single row.
+    Both parts come in the permutation's order; with `keep_order`, in the rows' own order (SFT's,
+    kept because its data order, and so its figures, depend on it).
     """
+    n_eval = max(1, int(len(rows) * fraction)) if len(rows) > 1 and fraction else 0
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    train, held = order[n_eval:], order[:n_eval]
+    if keep_order:
+        train, held = sorted(train), sorted(held)
+    return [rows[i] for i in train], [rows[i] for i in held]
+
+
+def load_preferences(config) -> tuple[list, list, object]:
+    """(train records, held-out records, read stats) of --data preference pairs or rankings: the
+    held-out set is --eval-data, or `held_out_split` of --data."""
 
     records, stats = load_records(config.data, "preference", config.format, config.skip_bad_rows, config.max_rows)
     if config.eval_data:
         held_out, _ = load_records(config.eval_data, "preference", config.format, option="--eval-data")
         return records, held_out, stats
-    n_eval = max(1, int(len(records) * config.eval_fraction)) if len(records) > 1 and config.eval_fraction else 0
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]], stats
+    return *held_out_split(records, config.eval_fraction, config.seed), stats
 
 
 def _require(module: str, option: str) -> None:
@@ -201,12 +229,22 @@ class BatchOrder:
         self.index += 1
         return batch
 
+    @property
+    def epochs(self) -> float:
+        """Passes made over the rows so far, fractional."""
+        return self.epoch + self.index / max(1, len(self._batches))
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index = state["epoch"], state["index"]
         self._batches = self._make(self.epoch)
+
+
+def batch_order(config, lengths: list[int], seed: int | None = None) -> BatchOrder:
+    """The order of a stage's global micro-batches: --batch-size rows each, summed over processes."""
+    return BatchOrder(lengths, config.batch_size, config.seed if seed is None else seed, config.group_by_length)
 
 
 def shard(batch: list[int], accelerator) -> list[int]:
@@ -294,3 +332,125 @@ def merge_micro_rows(rows: list[dict], counts: tuple[str, ...] = ("pairs",)) -> 
             merged[key] = sum(values) / len(values)
     return merged
 
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer loop of sft, pretrain, rm and dpo.
+
+
+@dataclass
+class StageParts:
+    """What a stage hands the loop: how a micro-batch is made and scored, and its own figures.
+
+    batch(indices) -> what `loss` takes, from this process's rows of a micro-batch.
+    loss(model, batch) -> (the loss to backpropagate, its figures); the figures hold the loop's
+        unit ("tokens", "pairs"), counted for throughput.
+    weight(batch) -> the micro-batch's part of the step's divisor. None: 1 each, so a step's loss is
+        the mean of its micro-batches' mean losses. SFT gives summed losses and their token counts,
+        so a step's loss is the mean over all its tokens and accumulation 8x1 equals 1x8 exactly.
+    merge(figures of each micro-batch, divisor) -> the step's row, as logged.
+    evaluate(model) -> held-out figures, logged every --eval-every steps; None: nothing held out.
+    postfix(row) -> what the progress bar shows beside it.
+    after_step(step, row): what a stage watches step by step (DPO's chosen-drop warning).
+    """
+
+    batch: Callable[[list[int]], Any]
+    loss: Callable[[Any, Any], tuple[torch.Tensor, dict]]
+    weight: Callable[[Any], int] | None = None
+    merge: Callable[[list[dict], int], dict] = lambda figures, divisor: merge_micro_rows(figures)
+    evaluate: Callable[[Any], dict] | None = None
+    postfix: Callable[[dict], dict] = lambda row: {"loss": f"{row['loss']:.4f}"}
+    after_step: Callable[[int, dict], None] | None = None
+
+
+class Loop:
+    """The optimizer loop of every stage but PPO (which learns on-policy, in its own loop).
+
+    Building it makes the optimizer and the schedule over `steps`, prepares them and the model with
+    accelerate and resumes from setup's checkpoint. `run` then takes optimizer steps: each runs
+    --grad-accum micro-batches from `order` (this process's shard of each), clips, steps the
+    optimizer and the schedule; every --log-every steps it logs the step's row, every --eval-every
+    the held-out figures, every --save-every it writes a checkpoint. `unit` is what the stage counts
+    for throughput ("tokens", "pairs"); `what` names its loss in the error a non-finite one raises.
+    A stage whose data changes mid-run (DPO's online rounds) runs it `until` a step, then gives it
+    the new data's `order` and its parts for the next run.
+    """
+
+    def __init__(self, setup: Setup, config, model, steps: int, order: BatchOrder, metrics: runs.MetricsLog,
+                 unit: str, what: str, desc: str | None = None):
+        self.setup, self.config, self.steps, self.order, self.metrics = setup, config, steps, order, metrics
+        self.unit, self.what = unit, what
+        accelerator = self.accelerator = setup.accelerator
+        optimizer = make_optimizer(model, config)
+        scheduler = make_scheduler(optimizer, config, steps)
+        checkpoint_activations(model, config)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        if config.lora:
+            checkpoint_trainable_only(accelerator)
+        self.step = restore_checkpoint(setup, order, strict=not config.lora) if setup.resume_from else 0
+        self.last_checkpoint = setup.resume_from
+        self.counted_before = setup.state.get(f"train_{unit}", 0)   # by the run this one resumes
+        self.counted, self.train_time, self.timer, self.row = 0, 0.0, runs.Timer(), {}
+        self.model.train()
+        self.bar = progress(steps, self.step, desc or config.stage, config.progress and accelerator.is_main_process)
+
+    def run(self, parts: StageParts, until: int | None = None, state: dict | None = None) -> None:
+        """Optimizer steps up to step `until` (default: the last); `state` is the stage's own part
+        of the checkpoints written meanwhile (DPO's round)."""
+        config = self.config
+        while self.step < (self.steps if until is None else until):
+            started = time.perf_counter()
+            batches = [parts.batch(shard(self.order.next(), self.accelerator)) for _ in range(config.grad_accum)]
+            figures, divisor = self._accumulate(parts, batches)
+            row = self.row = parts.merge(figures, divisor)
+            grad_norm = optimizer_step(self.accelerator, self.model.parameters(), self.optimizer, self.scheduler,
+                                       config.max_grad_norm)
+            self.step += 1
+            self.counted += sum(int(f[self.unit]) for f in figures)
+            self.train_time += time.perf_counter() - started
+            if parts.after_step:
+                parts.after_step(self.step, row)
+            self.bar.update(1)
+            self.bar.set_postfix(parts.postfix(row))
+            if self.step % config.log_every == 0 or self.step == self.steps:
+                logged = {**row, "lr": self.scheduler.get_last_lr()[0], f"{self.unit}_per_s": self.rate,
+                          "epoch": self.order.epochs}
+                if grad_norm is not None:
+                    logged["grad_norm"] = float(grad_norm)
+                self.metrics.log(self.step, logged)
+            if config.eval_every and self.step % config.eval_every == 0 and parts.evaluate:
+                self.metrics.log(self.step, parts.evaluate(self.model))
+            if config.save_every and self.step % config.save_every == 0 and self.step < self.steps:
+                self.last_checkpoint = save_checkpoint(self.setup, config, self.step, self.order,
+                                                       {**(state or {}), f"train_{self.unit}": self.total})
+
+    def _accumulate(self, parts: StageParts, batches: list) -> tuple[list[dict], int]:
+        """Forward and backward over one step's micro-batches; gradients sync on the last only."""
+        divisor = sum(parts.weight(batch) for batch in batches) if parts.weight else len(batches)
+        figures = []
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                loss, micro = parts.loss(self.model, batch)
+                check_finite(loss, self.what, self.step + 1, self.last_checkpoint)
+                self.accelerator.backward(loss / max(divisor, 1))
+            figures.append(micro)
+        return figures, divisor
+
+    @property
+    def total(self) -> int:
+        """Units trained on over the whole run, the part before a resume included."""
+        return self.counted_before + self.counted
+
+    @property
+    def rate(self) -> float:
+        """Units per second of training in this process's run."""
+        return self.counted / max(self.train_time, 1e-9)
+
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def close(self) -> dict:
+        """End the progress bar; the loop's part of summary.json."""
+        self.bar.close()
+        return {"steps": self.step, f"{self.unit}_per_s": self.rate, f"train_{self.unit}": self.total,
+                "train_time_s": self.train_time, "wall_time_s": self.timer.elapsed}
