@@ -16,7 +16,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 def test_there_are_worked_configs():
     names = {p.name for p in CONFIGS}
-    assert {"qwen2.5-0.5b-lora.yaml", "baichuan-7b-lora-seed001.yaml", "toy-world.yaml"} <= names
+    assert {"qwen2.5-0.5b-lora.yaml", "baichuan-7b-lora.yaml", "toy-world.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -2,8 +2,8 @@
 
 Our own decoding loop over the model's KV cache rather than `model.generate`, so the guards are
 exactly ours: logits are checked to be finite every step (softmax in fp32) and a failure names
-the step and the prompt; stop tokens can be suppressed for the first `min_new_tokens` tokens (the
-fix for seed 001's empty answers); rows end on a stop token or stop string; prompts are batched
+the step and the prompt; stop tokens can be suppressed for the first `min_new_tokens` tokens (so
+that a policy cannot learn to answer nothing); rows end on a stop token or stop string; prompts are batched
 left-padded with matching position ids.
 
 Dimensions: B prompts, P prompt tokens (left-padded), R generated tokens.

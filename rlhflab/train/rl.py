@@ -2,7 +2,7 @@
 in one rollout -> score -> advantage -> update loop chosen by --estimator.
 
 How this departs from the papers, and why:
-- Seed 001's collapse (an RM that liked empty answers) is guarded in two places: generation can
+- The collapse of a published run (an RM that liked empty answers) is guarded in two places: generation can
   suppress EOS for the first --min-new-tokens tokens, and the monitors log the empty-answer rate,
   response length and (on toy-world prompts) the gold score every step, with an alarm when the
   reward rises while the gold score falls.

@@ -1,6 +1,6 @@
 """The four roles of RLHF — policy, reference, critic, reward — and their forward passes.
 
-LoRA mode keeps ONE copy of the base weights (DESIGN decision 2). Every role is a peft adapter
+LoRA mode keeps ONE copy of the base weights. Every role is a peft adapter
 on it, switched per forward pass:
     policy     trainable adapter named "default" (peft's name, so it saves as a plain adapter; starts from the SFT adapter, or fresh when SFT was merged)
     reference  the frozen SFT adapter, or the base with adapters off when SFT was merged
