@@ -8,7 +8,8 @@
    (measured in the same run, and its tokens/s is the baseline). p50/p95 latency, aggregate
    tokens/s, and the server still answering afterwards.
 2. 4-bit memory: a ~100M-parameter Llama (toy tokenizer) in fp32 and NF4: weights on disk,
-   resident memory after loading (each in a fresh process), greedy tokens/s.
+   resident memory attributable to the model (each in a fresh process, after the imports: RSS after
+   loading and generating minus RSS before loading), greedy tokens/s.
 3. 4-bit quality: greedy answers of MODEL (the toy SFT model) in fp32 and NF4 on held-out
    toy-world prompts, scored by the gold judge.
 """

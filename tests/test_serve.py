@@ -535,6 +535,52 @@ def test_quantize_writes_a_model_that_serve_and_chat_load_as_is(model64, tmp_pat
     assert "assistant>" in talk.stdout
 
 
+def test_quantized_model_narrower_than_a_block_is_judged_and_evaluated(tokenizer_dir, tmp_path, cli):
+    """A 4-bit model 32 wide (half a quantisation block) loads through `load_causal_lm` as `judge` and
+    `eval` do, and generates: the CPU repacking, which fails on such layers, is kept off for them."""
+    pytest.importorskip("bitsandbytes")
+    import transformers as tf
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(
+        hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id))
+    model.save_pretrained(str(tmp_path / "narrow"))
+    tokenizer.save_pretrained(str(tmp_path / "narrow"))
+    assert cli("quantize", tmp_path / "narrow", "--bits", 4, "--out", tmp_path / "nf4").returncode == 0
+    prompts = tmp_path / "prompts.jsonl"
+    greet = {"family": "smalltalk", "lang": "en", "harmful": False, "answer": "Hello! How can I help you today?",
+             "slots": {"intent": "greet"}, "entities": ["phrase:Hey, nice to meet you."], "split": "eval"}
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "Hey, nice to meet you."}], "meta": greet})
+                       + "\n", encoding="utf-8")
+    done = cli("judge", "--model", tmp_path / "nf4", "--prompts", prompts, "--max-new-tokens", 4,
+               "--out", tmp_path / "scored.jsonl")
+    assert done.returncode == 0, done.stderr
+    assert len((tmp_path / "scored.jsonl").read_text(encoding="utf-8").splitlines()) == 1
+
+
+def test_quantized_model_ready_for_inference_holds_nothing_in_the_checkpoint_file(model64, tmp_path, cli):
+    """After `ready_for_inference`, no tensor of a 4-bit model points into its memory-mapped
+    safetensors file, so the file's pages are not resident next to the repacked weights."""
+    pytest.importorskip("bitsandbytes")
+    from rlhflab.infer.quantize import ready_for_inference
+
+    assert cli("quantize", model64, "--bits", 4, "--out", tmp_path / "nf4").returncode == 0
+    model = ready_for_inference(load_causal_lm(str(tmp_path / "nf4"), choose_placement("cpu", "auto")))
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        mapped = [[int(a, 16) for a in line.split()[0].split("-")] for line in maps
+                  if str(tmp_path / "nf4") in line]
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [t for m in model.modules() for t in vars(getattr(getattr(m, "weight", None), "quant_state", None)
+                                                           or types.SimpleNamespace()).values()
+                if isinstance(t, torch.Tensor)]
+    assert not [t for t in tensors if any(start <= t.data_ptr() < end for start, end in mapped)]
+    prompt = torch.tensor([encode_prompt(load_tokenizer(str(tmp_path / "nf4")), HELLO)])
+    assert model.generate(prompt, max_new_tokens=3, do_sample=False).shape[1] > prompt.shape[1]
+
+
 def test_serve_load_in_4bit_quantizes_on_the_fly(model64):
     pytest.importorskip("bitsandbytes")
     models = load_models(ServeConfig(model=str(model64), load_in_4bit=True, device="cpu"))

@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from rlhflab.config import opt
@@ -23,6 +24,7 @@ from rlhflab.models.loading import (
     Placement,
     choose_placement,
     is_adapter_dir,
+    keep_narrow_4bit_layers_plain,
     load_causal_lm,
     load_tokenizer,
     save_model,
@@ -81,16 +83,42 @@ def load_quantized(name: str, bits: int, placement: Placement, trust_remote_code
             quantization_config=quantization_config(bits, placement), device_map={"": device})
     except (OSError, ValueError) as exc:
         raise UsageError(f"{option} {name}: cannot load the model in {bits}-bit: {exc}") from None
-    return ready_for_inference(model).eval()
+    # Not `ready_for_inference` here: a repacked model saves re-quantized scales (the repacking
+    # does not round-trip bit for bit); `serve` calls it once the model is complete.
+    return keep_narrow_4bit_layers_plain(model).eval()
 
 
 def ready_for_inference(model):
-    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer for a faster kernel at its first
-    forward in eval mode; the repacking fails on a layer whose input is not a whole number of
-    quantisation blocks (64 weights): such layers keep the plain layout."""
+    """A loaded model, ready to generate; only a 4-bit model on the CPU changes.
+
+    Layers narrower than a quantisation block keep the plain layout (`keep_narrow_4bit_layers_plain`).
+    On a CPU with AVX512-BF16, bitsandbytes repacks the other 4-bit layers at their first no-grad
+    forward: a new copy of each weight, while the memory-mapped checkpoint whose pages the repacking
+    read stays mapped, and resident, as long as any tensor still points into it (a norm, the
+    embeddings, a quantisation code table): the 4-bit weights were held twice (bench/RESULTS.md,
+    serving). So the repacking is done here, and what still lives in the checkpoint is copied out.
+    """
+    keep_narrow_4bit_layers_plain(model)
+    to_repack = [module for module in model.modules() if getattr(module, "support_avx512bf16_for_cpu", False)
+                 and module.weight.device.type == "cpu"
+                 and not getattr(module.weight.quant_state, "packing_format_for_cpu", False)]
+    if not to_repack:
+        return model
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long))
+    seen = set()
     for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False) and module.in_features % 64:
-            module.support_avx512bf16_for_cpu = False
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            in_new_layout = getattr(getattr(tensor, "quant_state", None), "packing_format_for_cpu", False)
+            if id(tensor) not in seen and not in_new_layout:
+                seen.add(id(tensor))
+                tensor.data = tensor.data.clone()
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        for part in (state, getattr(state, "state2", None)):
+            for name in ("absmax", "code"):
+                if isinstance(getattr(part, name, None), torch.Tensor):
+                    setattr(part, name, getattr(part, name).clone())
     return model
 
 

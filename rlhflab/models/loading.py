@@ -157,7 +157,17 @@ def load_causal_lm(name: str, placement: Placement, trust_remote_code: bool = Fa
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model.to(placement.device)
+    return keep_narrow_4bit_layers_plain(model).to(placement.device)
+
+
+def keep_narrow_4bit_layers_plain(model):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer for a faster kernel at its first
+    no-grad forward in eval mode; the repacking fails on a layer whose input is not a whole number of
+    quantisation blocks (64 weights), so such layers keep the plain layout. Other models pass as they are."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False) and module.in_features % 64:
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def context_limit(model) -> int | None:
