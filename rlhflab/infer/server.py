@@ -171,10 +171,9 @@ def load_models(config: ServeConfig) -> ServedModels:
 
 
 @dataclass
-class Job:
-    """One chat completion request: n rows of one prompt."""
-
+class ChatRequest:
     model: str
+    messages: list[dict]
     prompt: list[int]
     temperature: float
     top_p: float
@@ -182,14 +181,28 @@ class Job:
     stop: tuple[str, ...]
     n: int
     seed: int | None
+    stream: bool
+    include_usage: bool
+
+    def settings(self) -> dict:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
+                "stop": list(self.stop), "n": self.n, "seed": self.seed}
+
+
+@dataclass
+class Job:
+    """One chat completion request being decoded: n rows of one prompt."""
+
+    chat: ChatRequest
     emit: Callable[[tuple], None]   # thread-safe: hands an event to the request's handler
     cancelled: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def key(self) -> tuple:
-        greedy = self.temperature == 0
-        return (self.model, 0.0 if greedy else self.temperature, 1.0 if greedy else self.top_p,
-                self.id if self.seed is not None and not greedy else None)
+        chat = self.chat
+        greedy = chat.temperature == 0
+        return (chat.model, 0.0 if greedy else chat.temperature, 1.0 if greedy else chat.top_p,
+                self.id if chat.seed is not None and not greedy else None)
 
 
 @dataclass
@@ -208,11 +221,11 @@ class Row:
         if self.job.cancelled:
             return True
         self.tokens = n_tokens
-        cuts = [text.find(s) for s in self.job.stop if s in text]
+        cuts = [text.find(s) for s in self.job.chat.stop if s in text]
         if cuts:
             text, ended = text[:min(cuts)], True
-        over = ended or n_tokens >= self.job.max_tokens
-        visible = text if over else _certain(text, self.job.stop)
+        over = ended or n_tokens >= self.job.chat.max_tokens
+        visible = text if over else _certain(text, self.job.chat.stop)
         if over:
             visible = visible.rstrip("\ufffd")   # the bytes of a character cut off by max_tokens
         if visible.startswith(self.sent) and len(visible) > len(self.sent):
@@ -273,9 +286,9 @@ class Batcher:
                 job = self.waiting.popleft()
                 if job.cancelled:
                     continue
-                if job.key() == key and rows + job.n <= self.max_rows or not batch:
+                if job.key() == key and rows + job.chat.n <= self.max_rows or not batch:
                     batch.append(job)
-                    rows += job.n
+                    rows += job.chat.n
                 else:
                     keep.append(job)
             self.waiting = keep
@@ -294,14 +307,14 @@ class Batcher:
                 self._run(batch)
 
     def _run(self, batch: list[Job]) -> None:
-        rows = [Row(job, i) for job in batch for i in range(job.n)]
-        first = batch[0]
-        params = SamplingParams(max_new_tokens=max(job.max_tokens for job in batch), temperature=first.temperature,
+        rows = [Row(job, i) for job in batch for i in range(job.chat.n)]
+        first = batch[0].chat
+        params = SamplingParams(max_new_tokens=max(job.chat.max_tokens for job in batch), temperature=first.temperature,
                                 top_p=first.top_p, do_sample=first.temperature > 0,
                                 stop_token_ids=self.models.stop_ids, seed=first.seed)
         try:
             with self.models.using(first.model) as model:
-                engine.generate(model, self.models.tokenizer, [row.job.prompt for row in rows], params,
+                engine.generate(model, self.models.tokenizer, [row.job.chat.prompt for row in rows], params,
                                 on_row=lambda i, text, n, ended: rows[i].advance(text, n, ended))
         except Exception as exc:   # noqa: BLE001 - one failed decode must not stop the server
             for job in batch:
@@ -317,25 +330,6 @@ class Batcher:
 
 # ---------------------------------------------------------------------------------------------
 # Request checking.
-
-
-@dataclass
-class ChatRequest:
-    model: str
-    messages: list[dict]
-    prompt: list[int]
-    temperature: float
-    top_p: float
-    max_tokens: int
-    stop: tuple[str, ...]
-    n: int
-    seed: int | None
-    stream: bool
-    include_usage: bool
-
-    def settings(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
-                "stop": list(self.stop), "n": self.n, "seed": self.seed}
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
@@ -515,8 +509,7 @@ def create_app(models: ServedModels, config: ServeConfig, log: ConversationLog |
         authorize(request)
         chat = parse_request(await read_json(request, config.max_body_kb * 1024), models, config)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(chat.model, chat.prompt, chat.temperature, chat.top_p, chat.max_tokens, chat.stop, chat.n,
-                  chat.seed, emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        job = Job(chat, emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         batcher.submit(job)
         answer_id = f"chatcmpl-{job.id}"
         conversation = request.headers.get("x-conversation-id")
