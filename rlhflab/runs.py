@@ -22,9 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from rlhflab.errors import UsageError
+
+
+def _torch():
+    """torch if something has imported it, else None. A tensor or CUDA memory to report means it
+    has; this module leaves it unimported so that `rlhflab --help` and option checks start fast."""
+    return sys.modules.get("torch")
 
 
 def _umask() -> int:
@@ -120,7 +124,8 @@ def atomic_write_directory(out: str | Path, fill, source: str | Path, marker: st
 
 
 def _jsonable(value):
-    if isinstance(value, torch.Tensor):
+    torch = _torch()
+    if torch is not None and isinstance(value, torch.Tensor):
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
@@ -161,7 +166,8 @@ def peak_memory() -> dict:
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss_mib = rss_kb / (1024 * 1024) if sys.platform == "darwin" else rss_kb / 1024
     out = {"peak_rss_mib": round(rss_mib, 1)}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    torch = _torch()
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
 
@@ -190,7 +196,8 @@ class MetricsLog:
 
 
 def _round(value):
-    if isinstance(value, torch.Tensor):
+    torch = _torch()
+    if torch is not None and isinstance(value, torch.Tensor):
         value = value.item()
     if isinstance(value, float):
         return float(f"{value:.6g}")
