@@ -145,12 +145,17 @@ def gpu(results: dict) -> str:
     section = results.get("gpu") or {}
     if not section.get("measured"):
         return f"Not measured: {section.get('reason', 'no GPU on this machine')}."
-    lines = [f"Device: {section.get('device')}, dtype bf16, model {section.get('model')} "
-             f"({section.get('parameters', 0) / 1e6:.0f}M parameters).", "",
-             "| workload | tokens/s | s/step | MFU | peak GPU memory MiB |", "|---|---|---|---|---|"]
+    lines = [f"Device: {section.get('device')} (torch {section.get('torch', '?')}), dtype bf16, model "
+             f"{section.get('model')} ({section.get('parameters', 0) / 1e6:.0f}M parameters), one GPU.", "",
+             "| workload | trained tokens/s | pairs/s | s/RL step | generated tokens/s | MFU | peak GPU memory MiB |",
+             "|---|---|---|---|---|---|---|"]
     for name, figures in section.get("workloads", {}).items():
-        lines.append(f"| {name} | {fmt(figures.get('tokens_per_s'))} | {fmt(figures.get('seconds_per_step'))} | "
-                     f"{fmt(figures.get('mfu'), 2)} | {fmt(figures.get('peak_cuda_mib'))} |")
+        if "error" in figures:
+            lines.append(f"| {name} | failed: {figures['error'].strip().splitlines()[-1][:120]} | | | | | |")
+            continue
+        lines.append(f"| {name} | {fmt(figures.get('tokens_per_s'))} | {fmt(figures.get('pairs_per_s'))} | "
+                     f"{fmt(figures.get('seconds_per_step'))} | {fmt(figures.get('generated_tokens_per_s'))} | "
+                     f"{fmt(figures.get('mfu'), 3)} | {fmt(figures.get('peak_cuda_mib'))} |")
     return "\n".join(lines)
 
 
