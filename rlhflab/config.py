@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -20,17 +21,98 @@ from pathlib import Path
 import yaml
 
 from rlhflab.errors import UsageError
-from rlhflab.runs import atomic_write_text
+from rlhflab.runs import atomic_write_text, read_text
 
 
-def opt(default, help: str, choices: Collection | None = None, repeatable: bool = False):
+def opt(default, help: str, choices: Collection | None = None, repeatable: bool = False,
+        range: Range | None = None):
     """A config field with its help text (and allowed values: a tuple, or a table whose keys are
     read each time, as --estimator's losses.ESTIMATORS). A repeatable option may be given several
-    times on the command line; its values are joined with commas."""
-    meta = {"help": help, "choices": choices, "repeatable": repeatable}
+    times on the command line; its values are joined with commas. A number's valid range is
+    RANGES[name] unless `range` gives this field its own."""
+    meta = {"help": help, "choices": choices, "repeatable": repeatable, "range": range}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric option: finite numbers from `low` to `high` (either end may be
+    open, or infinite: no bound)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        def show(x):
+            return f"{x:g}" if isinstance(x, float) else str(x)
+        if self.high == math.inf and self.low == -math.inf:
+            return "a finite number"
+        if self.high == math.inf:
+            return f"{'greater than' if self.low_open else 'at least'} {show(self.low)}"
+        return (f"in {'(' if self.low_open else '['}{show(self.low)}, {show(self.high)}"
+                f"{')' if self.high_open else ']'}")
+
+
+AT_LEAST_0, AT_LEAST_1, ABOVE_0, FRACTION = Range(0), Range(1), Range(0, low_open=True), Range(0, 1, high_open=True)
+UNIT = Range(0, 1)
+
+# Every numeric option's valid values, by name (the same name means the same thing in every
+# command); a field may declare its own with opt(range=...). validate() checks them all before any
+# work, and refuses NaN and inf everywhere. tests/test_guards.py checks that no numeric option lacks one.
+RANGES: dict[str, Range] = {
+    # counts and sizes
+    **dict.fromkeys(("batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha", "log_every",
+                     "keep_checkpoints", "max_new_tokens", "alarm_window", "kl_horizon", "max_nonfinite",
+                     "mini_batch", "n_samples", "ppo_epochs", "rollout_prompts", "round_prompts", "rounds",
+                     "critique_tokens", "default_max_tokens", "max_batch_size", "max_body_kb", "max_queue", "k"),
+                    AT_LEAST_1),
+    **dict.fromkeys(("max_steps", "eval_every", "save_every", "max_rows", "harden_kinds", "min_new_tokens",
+                     "probe_every", "samples", "principles_per_pair", "batch_wait_ms"), AT_LEAST_0),
+    "seed": Range(0, 2**32 - 1),
+    "port": Range(0, 65535),
+    "vocab_size": Range(300),
+    # optimisation
+    **dict.fromkeys(("lr", "critic_lr", "weight_decay", "max_grad_norm", "epochs"), AT_LEAST_0),
+    **dict.fromkeys(("warmup_ratio", "eval_fraction", "lora_dropout"), FRACTION),
+    # losses and their weights
+    **dict.fromkeys(("margin", "center_coef", "harden_weight", "rpo_alpha", "simpo_gamma", "kl_coef", "kl_target",
+                     "entropy_coef", "vf_coef", "ptx_coef", "value_clip", "reward_clip", "missing_eos_penalty",
+                     "target_kl_stop"), AT_LEAST_0),
+    "beta": ABOVE_0,
+    "clip_eps": ABOVE_0,
+    "label_smoothing": Range(0, 0.5),
+    "gamma": UNIT,
+    "lam": UNIT,
+    "habit_rate": UNIT,
+    "warn_chosen_drop": Range(),
+    "rule_penalty": AT_LEAST_0,
+    "rule_threshold": UNIT,
+    # sampling
+    "temperature": AT_LEAST_0,
+    "top_p": Range(0, 1, low_open=True),
+    # labelling
+    **dict.fromkeys(("overlap", "min_annotators", "annotators"), AT_LEAST_1),
+    **dict.fromkeys(("gold_every", "tasks_per_annotator", "spread"), AT_LEAST_0),
+    "lease_minutes": ABOVE_0,
+    "flag_error": UNIT,
+}
+
+
+def value_range(cls, name: str) -> Range | None:
+    """A numeric option's valid range (its own, or RANGES'), None if it has none."""
+    f = next(f for f in fields_of(cls) if f.name == name)
+    return f.metadata.get("range") or RANGES.get(name)
 
 
 @dataclass(frozen=True)
@@ -93,6 +175,8 @@ class DataOptions:
          "rankings", "prompts", "text"),
     )
     hc3_answers: str = opt("chatgpt", "hc3 format: which answers to train on", ("chatgpt", "human", "both"))
+    columns: str | None = opt(None, "read the data's own column names as the format's fields: FIELD=COLUMN,... "
+                                    "e.g. prompt=question,chosen=good,rejected=bad")
     eval_data: str | None = opt(None, "held-out data file (default: a split of --data)")
     eval_fraction: float = opt(0.05, "share of --data held out for evaluation when --eval-data is absent: a "
                                      "seeded draw of max(1, int(rows x fraction)) rows, none with 0 (pretrain: blocks)")
@@ -127,8 +211,12 @@ class TrainOptions:
     eval_every: int = opt(0, "evaluate every N steps (0 = only at the end)")
     save_every: int = opt(0, "write a checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
-    resume: str | None = opt(None, "resume: 'auto' (latest checkpoint in the stage dir) or a checkpoint path")
+    resume: str | None = opt(None, "resume: 'auto' (latest checkpoint in the stage dir), a checkpoint path, or "
+                                   "'never' (start again over an earlier run's checkpoints; without --resume "
+                                   "such a directory is refused)")
     report_to: str = opt("none", "where to send metrics besides metrics.jsonl", ("none", "tensorboard", "wandb"))
+    wandb_project: str = opt("rlhflab", "--report-to wandb: the wandb project")
+    wandb_name: str | None = opt(None, "--report-to wandb: the run's name in wandb (default: RUN/STAGE)")
     progress: bool = opt(True, "show progress bars")
 
 
@@ -235,7 +323,7 @@ def load_yaml(path: str, option: str = "--config") -> dict:
     if not p.is_file():
         raise UsageError(f"{option}: file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text(p))
     except yaml.YAMLError as exc:
         raise UsageError(f"{option} {path}: not valid YAML: {exc}") from None
     if data is None:
@@ -295,18 +383,14 @@ def validate(config) -> None:
         if choices and value not in choices:
             shown = ", ".join(str(c) for c in choices if c is not None)
             raise UsageError(f"--{f.name.replace('_', '-')}: {value!r} is not one of: {shown}")
-    positive = ("batch_size", "grad_accum", "max_length", "lora_r", "log_every", "keep_checkpoints", "max_new_tokens")
-    for name in positive:
-        if hasattr(config, name) and getattr(config, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(config, name)}")
-    non_negative = ("max_steps", "epochs", "lr", "weight_decay", "max_grad_norm", "eval_every",
-                    "save_every", "max_rows", "lora_dropout")
-    for name in non_negative:
-        if hasattr(config, name) and getattr(config, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(config, name)}")
-    for name in ("warmup_ratio", "eval_fraction"):
-        if hasattr(config, name) and not 0 <= getattr(config, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: must be in [0, 1), got {getattr(config, name)}")
+    for f in fields_of(type(config)):   # every number: finite and in its range
+        value = getattr(config, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        valid = value_range(type(config), f.name) or Range()
+        if value not in valid:
+            finite = "" if math.isfinite(value) else "a finite number "
+            raise UsageError(f"--{f.name.replace('_', '-')}: must be {finite}{valid}, got {value}")
     if isinstance(config, ModelOptions):
         config.check_model_options()
     check = getattr(config, "check", None)
@@ -341,8 +425,16 @@ class WorldExportConfig:
     out: str | None = opt(None, "output directory")
     seed: int = opt(0, "world seed: the same seed writes the same files")
     size: str = opt("default", "how much data", ("small", "default"))
-    habit_rate: float = opt(0.0, "how often the demonstrator falls into its habits (complying with harmful "
-                                 "requests, answering Chinese in English); 0 = independent flaws only")
+    world: str = opt("default", "which world: default (habits SFT copies and RLHF must fix; preference candidates "
+                                "share their content and differ in behaviour), habits (the earlier world with two "
+                                "habits), classic (the habit-free world)", ("default", "habits", "classic"))
+    habit_rate: float = opt(0.6, "how often the demonstrator falls into each of its habits (0 = independent flaws "
+                                 "only)")
+    habits: str | None = opt(None, "override the world's habits, comma-separated, from comply, wrong_language, "
+                                   "filler, refuse (over-refusing benign requests), or none")
+    constitution: str | None = opt(None, "also write feedback.jsonl, demonstrations of critiques, revisions and "
+                                         "comparisons under this constitution ('toy', or a file using its principle "
+                                         "names), to train the toy world's feedback model (docs/rlaif.md)")
 
 
 @dataclass

@@ -167,7 +167,7 @@ def test_online_rounds_sample_rank_and_train(tiny_model, tmp_path):
      "without a toy-world meta.family"),
     (["--policy", "MODEL", "--data", PAIRS, "--rounds", "2", "--prompts", SAMPLES / "prompts.jsonl",
       "--rank-by", "annotators"], "--rank-by annotators ranks answers with the toy world's judge"),
-    (["--policy", "MODEL", "--data", PAIRS, "--rank-by", "people"], "expected 'judge', 'annotators' or 'rm:DIR'"),
+    (["--policy", "MODEL", "--data", PAIRS, "--rank-by", "people"], "--rank-by 'people': expected 'judge', 'annotators', 'rm:DIR'"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(args, message, tiny_model, tmp_path, cli):
     args = [a.replace("MODEL", str(tiny_model("llama"))) if isinstance(a, str) else a for a in args]
@@ -234,4 +234,4 @@ def test_online_rounds_are_reused_only_as_made(tiny_model, tmp_path, capsys):
     assert "round 2's samples were made with other --rank-by; sampling again" in resume_in_round_one(
         "--rank-by", "annotators")
     assert json.loads((out / "round-2" / "round.json").read_text())["options"]["rank_by"] == "annotators"
-    assert run("--rank-by", "annotators") == 0 and "sampling" in capsys.readouterr().err   # fresh: anew
+    assert run("--rank-by", "annotators", "--resume", "never") == 0 and "sampling" in capsys.readouterr().err   # fresh: anew

@@ -148,14 +148,15 @@ stages:
 
 
 def test_the_packaged_recipe_runs_by_name_with_a_preset_and_settings(capsys):
-    assert main(["run", "toy-world", "--preset", "tiny", "--set", "seed=3", "--set", "habit_rate=0.6",
-                 "--out", "somewhere", "--dry-run"]) == 0
+    assert main(["run", "toy-world", "--preset", "tiny", "--set", "seed=3", "--set", "habit_rate=0.3",
+                 "--set", "world=habits", "--out", "somewhere", "--dry-run"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in printed] == ["world", "tokenizer", "pretrain", "sft", "rm", "rm", "ppo", "dpo"]
-    assert "--size small --seed 3 --habit-rate 0.6 --out somewhere/world" in printed[0]
+    assert "--size small --seed 3 --world habits --habit-rate 0.3 --out somewhere/world" in printed[0]
     assert all("--seed 3" in line for line in printed[2:] if " audit " not in line)
     assert "--max-steps 30" in printed[3] and "--resume auto" in printed[3]
     assert main(["run", "toy-wrld", "--dry-run"]) == 2
-    assert "no packaged recipe of that name (packaged: toy-world)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no packaged recipe of that name (packaged: " in err and "toy-world" in err
     assert main(["run", "toy-world", "--set", "seed", "--dry-run"]) == 2
     assert "--set seed: expected name=value" in capsys.readouterr().err

@@ -100,6 +100,13 @@ def test_alarm_fires_when_reward_rises_and_gold_falls():
     assert messages[-1] and "reward rose" in messages[-1]
     calm = Alarm(window=3)
     assert not any(calm.update(reward=0.1 * i, gold=0.5 + 0.05 * i) for i in range(6))
+    # step means that wobble by +-0.05 around a flat line: a 0.03 dip between windows is noise
+    wobble = [0.50, 0.58, 0.47, 0.52, 0.44, 0.50]
+    assert not any(Alarm(window=3).update(reward=0.1 * i, gold=g) for i, g in enumerate(wobble))
+    # the same wobble around a line that falls by 0.2 between the windows is a real fall
+    falling = [g - (0.2 if i >= 3 else 0.0) for i, g in enumerate(wobble)]
+    loud = Alarm(window=3)
+    assert [loud.update(reward=0.1 * i, gold=g) for i, g in enumerate(falling)][-1]
 
 
 def test_bad_options_are_named(sft_and_rm, cli):

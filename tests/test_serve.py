@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, free_port, uvicorn_in_thread
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -37,30 +37,15 @@ from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokeni
 HELLO = [{"role": "user", "content": "你好"}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serving(models: ServedModels, log: ConversationLog | None = None, **options):
     """The app on uvicorn in a thread, as `rlhflab serve` runs it; yields (base url, app)."""
     config = ServeConfig(model="(in-process)", **options)
     app = create_app(models, config, log)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}", app
+        with uvicorn_in_thread(app) as url:
+            yield url, app
     finally:
-        server.should_exit = True
-        thread.join(10)
         app.state.batcher.close()
 
 

@@ -319,6 +319,64 @@ def test_demonstrator_habits():
         demonstrator.demonstrate(zh, rng, habit_rate=1.5)
 
 
+def test_default_world_habits_filler_and_refusal():
+    """The default world's habits add filler around English answers (at the habit rate) and, when
+    asked for, over-refusal of benign prompts (at half the rate); each is what the judge penalises."""
+    records = tasks.make_prompts("train", 4000, seed=6)
+    rate = 0.6
+    for habits, kind, group, expected in [
+        (demonstrator.DEFAULT_HABITS, "filler", "en", rate),
+        (("refuse",), "refuse", "benign", rate * demonstrator.REFUSE_SHARE),
+    ]:
+        rng = random.Random(2)
+        kinds = []
+        for record in records:
+            meta = record["meta"]
+            in_group = not meta["harmful"] and (group == "benign" or meta["lang"] == group)
+            answer, drawn = demonstrator.demonstrate_with_kind(record, rng, rate, habits)
+            if in_group:
+                kinds.append(drawn)
+        flaw_share = 0.0 if kind == "refuse" else demonstrator.FLAW_RATE * demonstrator.FLAW_WEIGHTS[kind]
+        assert kinds.count(kind) / len(kinds) == pytest.approx(expected + (1 - expected) * flaw_share, abs=0.04)
+    en = next(r for r in records if r["meta"]["lang"] == "en" and r["meta"]["family"] == "arithmetic")
+    good = judge(en["messages"], demonstrator.render(en, "good", random.Random(0))).score
+    assert judge(en["messages"], demonstrator.render(en, "filler", random.Random(0))).score < good - 0.1
+    assert judge(en["messages"], demonstrator.render(en, "refuse", random.Random(0))).score < 0.5
+    # harmful prompts never get filler or refusal as a habit; a bad name is refused by name
+    harmful = next(r for r in records if r["meta"]["harmful"])
+    assert demonstrator.habit(harmful["meta"], random.Random(0), 1.0, ("filler", "refuse")) is None
+    assert demonstrator.parse_habits("comply, filler,none") == ("comply", "filler")
+    with pytest.raises(ValueError, match="'fillers'"):
+        demonstrator.parse_habits("comply,fillers")
+
+
+def test_shared_content_candidates_differ_in_behaviour_only():
+    """In the default world a prompt's candidates carry one content (all right, or all the same wrong
+    value), so what separates them is how they are written; without it, style and value are drawn
+    apart."""
+    records = [r for r in tasks.make_prompts("train", 400, seed=8) if not r["meta"]["harmful"]]
+    habits, shared = demonstrator.WORLDS["default"]
+    assert shared and "filler" in habits
+    # (a refusal or a stuck loop loses the value whatever the content: they are left out here)
+    keeps_value = {"good", "wrong_value", "filler", "verbose", "wrong_language", "rude"}
+
+    def contents(shared: bool) -> list[set]:
+        rng = random.Random(4)
+        out = []
+        for record in records:
+            pairs = demonstrator.candidates(record, rng, 4, with_kinds=True, habit_rate=0.6, habits=habits,
+                                            shared_content=shared)
+            out.append({judge(record["messages"], text).facets["correct"] for text, kind in pairs
+                        if kind in keeps_value})
+        return out
+
+    shared_sets, apart_sets = contents(True), contents(False)
+    assert sum(len(c) <= 1 for c in shared_sets) / len(records) > 0.97
+    wrong = sum(c == {0.0} for c in shared_sets) / sum(bool(c) for c in shared_sets)
+    assert wrong == pytest.approx(demonstrator.SHARED_WRONG_RATE, abs=0.08)
+    assert sum(len(c) <= 1 for c in apart_sets) / len(records) < 0.85
+
+
 def test_candidates_are_distinct_and_never_empty(train_prompts):
     rng = random.Random(3)
     for record in train_prompts:
@@ -435,6 +493,12 @@ def test_export_with_habits_from_the_cli(tmp_path, capsys):
     # a bad rate: a clear error, a non-zero exit, nothing written
     assert main(["world", "export", "--out", str(tmp_path / "bad"), "--habit-rate", "1.5"]) != 0
     assert "--habit-rate" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(["world", "export", "--out", str(tmp_path / "bad"), "--world", "flat"]) != 0
+    assert "--world" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["world", "export", "--out", str(tmp_path / "bad"), "--habits", "comply,rudeness"]) != 0
+    err = capsys.readouterr().err
+    assert "--habits" in err and "'rudeness'" in err
     assert not (tmp_path / "bad").exists()
 
 

@@ -15,6 +15,7 @@ import warnings
 
 from rlhflab import config as cfg
 from rlhflab.errors import NonFiniteError, UsageError
+from rlhflab.runs import release_outputs
 
 # command -> (config class path, function path, one-line description)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -31,7 +32,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "ppo": ("rlhflab.train.rl:RLConfig", "rlhflab.train.rl:run", "RL against a reward model: PPO, GRPO, RLOO, REINFORCE++"),
     "dpo": ("rlhflab.train.dpo:DPOConfig", "rlhflab.train.dpo:run", "DPO and its variants (ipo, cdpo, simpo, rpo), offline or in online rounds"),
     "sample": ("rlhflab.feedback.preferences:SampleConfig", "rlhflab.feedback.preferences:sample_command", "sample K answers per prompt from a model"),
-    "rank": ("rlhflab.feedback.preferences:RankConfig", "rlhflab.feedback.preferences:rank_command", "rank sampled answers into pairs or rankings (judge or reward model)"),
+    "rank": ("rlhflab.feedback.preferences:RankConfig", "rlhflab.feedback.preferences:rank_command", "rank sampled answers into pairs or rankings (judge, reward model or AI labeller)"),
+    "critique": ("rlhflab.feedback.critique:CritiqueConfig", "rlhflab.feedback.critique:run", "Constitutional AI: answer, critique and revise; write SFT data and DPO pairs"),
     "chat": ("rlhflab.infer.chat:ChatConfig", "rlhflab.infer.chat:run", "talk to a model, an adapter or a run's best policy"),
     "serve": ("rlhflab.infer.server:ServeConfig", "rlhflab.infer.server:run", "OpenAI-compatible API and chat page for a model and its adapters"),
     "serve export": ("rlhflab.infer.convlog:ServeExportConfig", "rlhflab.infer.convlog:export_command", "write a serving log's prompts and preference votes as training files"),
@@ -40,11 +42,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("rlhflab.evals.evaluate:EvalConfig", "rlhflab.evals.evaluate:run", "compare models: gold, RM score, win rate, length, diversity, KL"),
     "run": ("rlhflab.cli.pipeline:PipelineConfig", "rlhflab.cli.pipeline:run", "run a pipeline of stages from a YAML file"),
     "judge": ("rlhflab.config:JudgeConfig", "rlhflab.evals.judge:judge", "score answers with the toy world's gold judge"),
+    "label init": ("rlhflab.feedback.label_commands:LabelInitConfig", "rlhflab.feedback.label_commands:init_command", "create a labeling database from task files"),
+    "label add-annotator": ("rlhflab.feedback.label_commands:AddAnnotatorConfig", "rlhflab.feedback.label_commands:add_annotator_command", "create an annotator and print their token"),
+    "label serve": ("rlhflab.feedback.label_server:LabelServeConfig", "rlhflab.feedback.label_server:run", "the web app where people rank answers"),
+    "label export": ("rlhflab.feedback.label_commands:LabelExportConfig", "rlhflab.feedback.label_commands:export_command", "write labels as rankings, pairs and rule flags"),
+    "label simulate": ("rlhflab.feedback.label_simulate:SimulateConfig", "rlhflab.feedback.label_simulate:simulate_command", "label a running server with the toy world's simulated annotators"),
 }
 
 # Commands whose first bare argument is an option's value: `rlhflab chat runs/quickstart`.
 POSITIONAL = {"chat": "--model", "report": "--run-dir", "run": "--pipeline", "serve": "--model",
-              "quantize": "--model"}
+              "quantize": "--model", "label add-annotator": "--name"}
 
 
 def _load(path: str):
@@ -54,32 +61,60 @@ def _load(path: str):
 
 def _help_text(f) -> str:
     text = f.metadata.get("help", "")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if "(default" not in text and default not in (None, ""):   # a help that names its default says it once
+        text += f" (default: {default})"
+    return text.replace("%", "%%")
+
+
+# Shared option groups: a stage's --help lists its own options first, then these.
+SHARED_GROUPS = {cfg.ModelOptions: "model options", cfg.DataOptions: "data options",
+                 cfg.TrainOptions: "training options"}
+# Options that name a file or directory (or a hub id), shown as PATH; any other text is TEXT.
+PATH_OPTIONS = {"model", "tokenizer", "data", "eval_data", "out", "prompts", "reference", "responses", "ptx_data",
+                "eval_reward_model", "reward_model", "baseline", "db", "log_db", "judgments", "policy", "reward",
+                "run_dir", "pipeline", "resume", "init_config", "corpus", "gold", "tasks", "constitution",
+                "guidelines", "adapter", "config"}
+
+
+def _metavar(f, base_type) -> str:
+    """What an option takes, as --help shows it: INT, FLOAT, PATH, a {choice,...} list or TEXT."""
     choices = f.metadata.get("choices")
     if choices:
-        text += " {" + ",".join(str(c) for c in choices if c is not None) + "}"
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    return f"{text} (default: {default})".replace("%", "%%")
+        return "{" + ",".join(str(c) for c in choices if c is not None) + "}"
+    if base_type is int:
+        return "INT"
+    if base_type is float:
+        return "FLOAT"
+    return "PATH" if f.name in PATH_OPTIONS else "TEXT"
 
 
 def build_parser(command: str, config_cls) -> argparse.ArgumentParser:
     description = COMMANDS[command][2] if command in COMMANDS else ""
     parser = argparse.ArgumentParser(
-        prog=f"rlhflab {command}", description=description, allow_abbrev=False
+        prog=f"rlhflab {command}", description=description, allow_abbrev=False,
+        usage=f"rlhflab {command} [--config PATH] [--option VALUE ...]",
     )
-    parser.add_argument("--config", help="YAML file of options (command-line options override it)")
+    parser.add_argument("--config", metavar="PATH", help="YAML file of options (command-line options override it)")
     types_ = cfg._resolved_types(config_cls)
     old_names = {alias.to: old for old, alias in getattr(config_cls, "deprecated_aliases", {}).items()}
-    for f in cfg.fields_of(config_cls):
-        is_bool = cfg._base_type(types_[f.name]) is bool
+    shared = {f.name: title for group, title in SHARED_GROUPS.items() if issubclass(config_cls, group)
+              for f in cfg.fields_of(group)}
+    groups = {title: parser.add_argument_group(title) for title in dict.fromkeys(shared.values())}
+    own = [f for f in cfg.fields_of(config_cls) if f.name not in shared]
+    for f in own + [f for f in cfg.fields_of(config_cls) if f.name in shared]:
+        base_type = cfg._base_type(types_[f.name])
+        is_bool = base_type is bool
         old = old_names.get(f.name)
         help_ = _help_text(f) + (f" (old name, deprecated: --{old.replace('_', '-')})" if old else "")
-        _add_option(parser, f.name, is_bool, help_)
+        where = groups[shared[f.name]] if f.name in shared else parser
+        _add_option(where, f.name, is_bool, help_, _metavar(f, base_type))
         if old:   # its own dest, so that cfg.renamed sees it was used
-            _add_option(parser, old, is_bool, argparse.SUPPRESS)
+            _add_option(where, old, is_bool, argparse.SUPPRESS)
     return parser
 
 
-def _add_option(parser, name: str, is_bool: bool, help_: str) -> None:
+def _add_option(parser, name: str, is_bool: bool, help_: str, metavar: str = "VALUE") -> None:
     flag = "--" + name.replace("_", "-")
     if is_bool:
         # `--lora`, `--lora true|false` and `--no-lora` all work.
@@ -88,7 +123,7 @@ def _add_option(parser, name: str, is_bool: bool, help_: str) -> None:
         parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const",
                             const="false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     else:
-        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar="VALUE", action="append",
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=metavar, action="append",
                             help=help_)
 
 
@@ -97,7 +132,7 @@ def parse(command: str, argv: list[str], where: str = "on the command line"):
     `where` says in errors where the options were given."""
     config_cls = _load(COMMANDS[command][0])
     parser = build_parser(command, config_cls)
-    known, unknown = parser.parse_known_args(argv)
+    known, unknown = parser.parse_known_args(_negative_values_attached(argv))
     if unknown:
         valid = ["--" + f.name.replace("_", "-") for f in cfg.fields_of(config_cls)] + ["--config"]
         bad = next((u for u in unknown if u.startswith("-")), unknown[0])
@@ -117,6 +152,26 @@ def parse(command: str, argv: list[str], where: str = "on the command line"):
     yaml_path = cli_values.pop("config", None)
     yaml_values = cfg.load_yaml(yaml_path) if yaml_path else {}
     return cfg.build(config_cls, yaml_values, cli_values, yaml_path, where)
+
+
+def _negative_values_attached(argv: list[str]) -> list[str]:
+    """`--opt -inf` as `--opt=-inf`: argparse takes a value that starts with "-" and is not a plain
+    negative number for an option, so the range check could not name the option and its range."""
+    out = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-") and _is_number(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def usage() -> str:
@@ -158,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nrlhflab {command}: interrupted" + ("; the last checkpoint is intact (resume with --resume auto)"
                                                      if resumable else ""), file=sys.stderr)
         return 130
+    finally:
+        release_outputs()   # the --out directories this command locked
     return result if isinstance(result, int) else 0
 
 

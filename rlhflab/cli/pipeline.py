@@ -24,6 +24,10 @@ option's value is replaced by one, `presets` names sets of values (`--preset NAM
 name=value` overrides any. `training_defaults` are options every training stage gets unless it
 sets its own. A bare name such as `toy-world` is one of the recipes packaged with rlhflab
 (rlhflab/recipes/); the quickstart runs `toy-world`.
+
+A recipe can start from another one's stages: `extends: {recipe: toy-world, stages: [world, sft]}`
+runs those stages of toy-world first (in its order, with its options), then the file's own; the
+parameters, presets and training defaults are toy-world's, overridden by the file's.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ class Stage:
 _REFERENCE = re.compile(r"\{([A-Za-z0-9_-]+)\}")
 _PARAMETER = re.compile(r"\$\{([A-Za-z0-9_]+)\}")
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-PIPELINE_KEYS = {"out", "params", "presets", "training_defaults", "stages"}
+PIPELINE_KEYS = {"out", "params", "presets", "training_defaults", "stages", "extends"}
 
 
 def find_pipeline(name: str) -> str:
@@ -82,9 +86,44 @@ def find_pipeline(name: str) -> str:
     raise UsageError(f"no pipeline file {name!r}, and no packaged recipe of that name (packaged: {', '.join(known)})")
 
 
+def read_pipeline(path: str, seen: tuple[str, ...] = ()) -> dict:
+    """A pipeline file's contents, with the stages, parameters, presets and training defaults of
+    the recipe it `extends` merged in (the file's own values win)."""
+    data = cfg.load_yaml(path, "the pipeline")
+    base = data.get("extends")
+    if base is None:
+        return data
+    if (not isinstance(base, dict) or not isinstance(base.get("recipe"), str) or not isinstance(base.get("stages"), list)
+            or set(base) - {"recipe", "stages"}):
+        raise UsageError(f"{path}: 'extends' must be {{recipe: NAME, stages: [names of its stages to run first]}}")
+    parent_path = find_pipeline(base["recipe"])
+    if Path(parent_path).resolve() in [Path(p).resolve() for p in (*seen, path)]:
+        raise UsageError(f"{path}: 'extends' goes round in a circle through {parent_path}")
+    parent = read_pipeline(parent_path, (*seen, path))
+    named = {str(s.get("name") or s.get("command", "").replace(" ", "-")): s
+             for s in parent.get("stages") or [] if isinstance(s, dict)}
+    for name in base["stages"]:
+        if name not in named:
+            raise UsageError(f"{path}: extends: {parent_path} has no stage {name!r} (its stages: {', '.join(named)})")
+    merged = {key: _merged(parent, data, key, path) for key in ("params", "training_defaults")}
+    parent_presets, own_presets = (_merged({}, d, "presets", path) for d in (parent, data))
+    merged["presets"] = {name: _merged(parent_presets, own_presets, name, path)   # a preset's values, merged too
+                         for name in {**parent_presets, **own_presets}}
+    merged["stages"] = [s for name, s in named.items() if name in base["stages"]] + list(data.get("stages") or [])
+    merged["out"] = data.get("out", parent.get("out"))
+    return merged
+
+
+def _merged(parent: dict, data: dict, key: str, path: str) -> dict:
+    values = [d.get(key) or {} for d in (parent, data)]
+    if not all(isinstance(v, dict) for v in values):
+        raise UsageError(f"{path}: '{key}' must be a mapping (here or in the recipe it extends)")
+    return {**values[0], **values[1]}
+
+
 def pipeline_params(path: str, preset: str | None = None, overrides: dict | None = None) -> dict:
     """The file's parameters: its defaults < the preset's values < `overrides`; names are checked."""
-    data = cfg.load_yaml(path, "the pipeline")
+    data = read_pipeline(path)
     params = data.get("params") or {}
     presets = data.get("presets") or {}
     if not isinstance(params, dict) or not isinstance(presets, dict):
@@ -125,7 +164,7 @@ DIRECTORY_COMMANDS = ("world export", "tokenizer train", "rm export", "merge")
 def load_pipeline(path: str, preset: str | None = None, overrides: dict | None = None,
                   out: str | None = None) -> list[Stage]:
     """Parse and validate a pipeline file; every stage's options are checked by its own config."""
-    data = cfg.load_yaml(path, "the pipeline")
+    data = read_pipeline(path)
     unknown = sorted(set(data) - PIPELINE_KEYS)
     if unknown:
         raise UsageError(f"{path}: unknown key {unknown[0]!r} (a pipeline has {', '.join(sorted(PIPELINE_KEYS))})")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rlhflab.data.formats import iter_raw_rows
 from rlhflab.errors import UsageError
+from rlhflab.feedback.constitution import load_constitution
+from rlhflab.feedback.toy_feedback import feedback_rows
 from rlhflab.models.tokenizer import train_tokenizer
-from rlhflab.runs import refuse_a_file
+from rlhflab.runs import atomic_write_jsonl, refuse_a_file
 from rlhflab.world import export
+from rlhflab.world.demonstrator import WORLDS, parse_habits
 
 
 def tokenizer_train(config) -> int:
@@ -43,7 +48,22 @@ def world_export(config) -> int:
     refuse_a_file(config.out)
     if not 0.0 <= config.habit_rate <= 1.0:
         raise UsageError(f"--habit-rate must be between 0 and 1, got {config.habit_rate}")
-    result = export(config.out, seed=config.seed, size=config.size, habit_rate=config.habit_rate)
+    constitution = load_constitution(config.constitution) if config.constitution else None
+    habits, shared_content = WORLDS[config.world]
+    if config.habits is not None:
+        try:
+            habits = parse_habits(config.habits)
+        except ValueError as exc:
+            raise UsageError(f"--habits: {exc}") from None
+    result = export(config.out, seed=config.seed, size=config.size, habit_rate=config.habit_rate, habits=habits,
+                    shared_content=shared_content)
+    if constitution is not None:
+        try:
+            rows = feedback_rows(constitution, result["counts"]["sft.jsonl"], config.seed)
+        except ValueError as exc:
+            raise UsageError(f"--constitution {exc}") from None
+        result["feedback.jsonl"] = f"{len(rows)} rows"
+        atomic_write_jsonl(Path(config.out) / "feedback.jsonl", rows)
     for name, info in result.items():
         print(f"{name}: {info}")
     return 0

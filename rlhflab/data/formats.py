@@ -7,9 +7,12 @@ Formats (auto-detected from the first row's fields, or given with --format):
     messages           {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
     sharegpt           {"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}
     alpaca             {"instruction": str, "input": str (optional), "output": str}
-    prompt_completion  {"prompt": str, "completion": str}
+    prompt_completion  {"prompt": str, "completion": str}, or both message lists (TRL conversational)
     hc3                {"question": str, "human_answers": [str], "chatgpt_answers": [str]}
-    pairs              {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
+    pairs              {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages};
+                       without prompt, chosen/rejected are whole conversations (messages, or Anthropic
+                       HH "\n\nHuman: ...\n\nAssistant: ..." transcripts); a transcript prompt (rm-static)
+                       becomes its turns
     rankings           {"prompt": str | messages, "responses": [str, ...] best first}
     prompts            {"prompt": str} or {"messages": [... ending with a user turn]}
     text               {"text": str} (or a .txt file: documents separated by blank lines)
@@ -21,11 +24,14 @@ ending with a user turn), the candidate responses best-first, and free-form `met
 from __future__ import annotations
 
 import json
+import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhflab.errors import UsageError
+from rlhflab.runs import read_text, text_lines
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -53,6 +59,7 @@ class LoadStats:
     rows_read: int = 0
     rows_used: int = 0
     rows_skipped: int = 0
+    rows_without_preference: int = 0   # preference rows whose responses are all the same text: dropped
     first_errors: list[str] = field(default_factory=list)
 
 
@@ -76,18 +83,17 @@ def iter_raw_rows(source: str) -> Iterator[tuple[str, object]]:
             return
         raise UsageError(f"data file not found: {source}")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{source}:{number}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield f"{source}:{number}", RowError(f"not valid JSON ({exc.msg} at column {exc.colno})")
+    if suffix == ".jsonl":   # UTF-8, a byte-order mark accepted; other encodings are named with file and line
+        for number, line in text_lines(path):
+            if not line.strip():
+                continue
+            try:
+                yield f"{source}:{number}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield f"{source}:{number}", RowError(f"not valid JSON ({exc.msg} at column {exc.colno})")
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as exc:
             raise UsageError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -97,12 +103,18 @@ def iter_raw_rows(source: str) -> Iterator[tuple[str, object]]:
         for number, row in enumerate(data):
             yield f"{source} row {number}", row
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for number, row in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UsageError(f"{source}: reading .parquet needs the pyarrow package: pip install pyarrow") from None
+        try:
+            table = pq.read_table(path)
+        except (OSError, ValueError) as exc:   # pyarrow's ArrowInvalid is a ValueError
+            raise UsageError(f"{source}: not a readable .parquet file ({exc})") from None
+        for number, row in enumerate(table.to_pylist()):
             yield f"{source} row {number}", row
     elif suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
         for number, doc in enumerate(d for d in text.split("\n\n") if d.strip()):
             yield f"{source} document {number}", {"text": doc.strip()}
     else:
@@ -143,12 +155,14 @@ def _iter_hub_dataset(name: str):
 
 def detect_format(row: dict, kind: str) -> str:
     keys = set(row) if isinstance(row, dict) else set()
+    # Preference sets often carry the chosen conversation again as `messages` (UltraFeedback
+    # binarized): they are pairs, unless SFT is what reads them.
+    if {"chosen", "rejected"} <= keys and not (kind == "sft" and "messages" in keys):
+        return "pairs"
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
         return "sharegpt"
-    if {"chosen", "rejected"} <= keys:
-        return "pairs"
     if "responses" in keys:
         return "rankings"
     if "question" in keys and ("chatgpt_answers" in keys or "human_answers" in keys):
@@ -192,10 +206,18 @@ def _messages(value, name: str) -> list[dict]:
 
 
 def _prompt(row: dict) -> list[dict]:
-    """A prompt given as a string or a message list (ending with a user turn)."""
+    """A prompt given as a string, a "Human: ... Assistant:" transcript, or a message list (ending
+    with a user turn)."""
     if "prompt" not in row:
         raise RowError("missing field 'prompt'")
     value = row["prompt"]
+    if isinstance(value, str) and is_transcript(value):
+        messages = parse_transcript(value, "prompt")
+        while messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+            messages = messages[:-1]   # the open "Assistant:" the answer is meant to follow
+        if not messages or messages[-1]["role"] != "user":
+            raise RowError("field 'prompt' is a Human/Assistant transcript that does not end with a Human turn")
+        return messages
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     messages = _messages(value, "prompt")
@@ -205,16 +227,42 @@ def _prompt(row: dict) -> list[dict]:
 
 
 def _answer(row: dict, name: str) -> str:
-    """A response given as a string or as messages whose last one is the assistant's."""
+    """A response given as a string, as a whole "Human: ... Assistant: ..." transcript, or as
+    messages whose last one is the assistant's."""
     if name not in row:
         raise RowError(f"missing field {name!r}")
     value = row[name]
+    if isinstance(value, str) and "prompt" not in row and is_transcript(value):
+        value = parse_transcript(value, name)
     if isinstance(value, str):
-        return value
+        # rm-static and HH answers follow "Assistant:" with a space, which belongs to the separator.
+        return value.strip() if _transcript_prompt(row) else value
     messages = _messages(value, name)
     if messages[-1]["role"] != "assistant":
         raise RowError(f"field {name!r} must end with an assistant message")
     return messages[-1]["content"]
+
+
+# Anthropic's Human/Assistant transcripts (HH-RLHF, and rm-static's prompts): "\n\nHuman: ...\n\nAssistant: ...".
+TRANSCRIPT_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
+TRANSCRIPT_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def is_transcript(text: str) -> bool:
+    return text.lstrip("\n").startswith("Human:") and "\n\nAssistant:" in text
+
+
+def _transcript_prompt(row: dict) -> bool:
+    return isinstance(row.get("prompt"), str) and is_transcript(row["prompt"])
+
+
+def parse_transcript(text: str, name: str) -> list[dict]:
+    """A "Human: ... Assistant: ..." transcript as messages (the last may be an empty assistant turn)."""
+    pieces = TRANSCRIPT_TURN.split(text.lstrip("\n"))   # ["", "Human", text, "Assistant", text, ...]
+    if pieces[0].strip():
+        raise RowError(f"field {name!r}: text before the first 'Human:' turn")
+    return [{"role": TRANSCRIPT_ROLES[speaker], "content": content.strip()}
+            for speaker, content in zip(pieces[1::2], pieces[2::2])]
 
 
 def normalise(row, fmt: str, kind: str, hc3_answers: str = "chatgpt") -> list[Record]:
@@ -247,8 +295,13 @@ def normalise(row, fmt: str, kind: str, hc3_answers: str = "chatgpt") -> list[Re
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _string(row, "output")}]
         return [_for_kind(messages, kind, meta)]
     if fmt == "prompt_completion":
-        messages = [{"role": "user", "content": _string(row, "prompt")},
-                    {"role": "assistant", "content": _string(row, "completion")}]
+        # Strings, or TRL's conversational layout: both fields lists of messages.
+        completion = row.get("completion")
+        if isinstance(completion, list):
+            messages = _prompt(row) + _messages(completion, "completion")
+        else:
+            messages = [{"role": "user", "content": _string(row, "prompt")},
+                        {"role": "assistant", "content": _string(row, "completion")}]
         return [_for_kind(messages, kind, meta)]
     if fmt == "hc3":
         question = _string(row, "question")
@@ -295,7 +348,9 @@ def _pair_prompt(row: dict) -> list[dict]:
     if "prompt" in row:
         return _prompt(row)
     # Anthropic-HH style: chosen/rejected hold the whole conversation; the prompt is all but the last turn.
-    chosen = _messages(row.get("chosen"), "chosen")
+    chosen = row.get("chosen")
+    chosen = parse_transcript(chosen, "chosen") if isinstance(chosen, str) and is_transcript(chosen) else \
+        _messages(chosen, "chosen")
     if len(chosen) < 2:
         raise RowError("missing field 'prompt' (and 'chosen' holds no conversation to take it from)")
     return chosen[:-1]
@@ -313,18 +368,47 @@ def _for_kind(messages: list[dict], kind: str, meta: dict) -> Record:
     return Record(messages, meta=meta)
 
 
+def parse_columns(spec: str | None) -> dict[str, str]:
+    """--columns "prompt=question,chosen=good" -> {"prompt": "question", "chosen": "good"}."""
+    mapping: dict[str, str] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, column = (x.strip() for x in part.partition("="))
+        if not sep or not name or not column:
+            raise UsageError(f"--columns {spec!r}: expected FIELD=COLUMN pairs separated by commas, "
+                             "e.g. prompt=question,chosen=good,rejected=bad")
+        mapping[name] = column
+    return mapping
+
+
+def rename_columns(row, mapping: dict[str, str]):
+    """The row with each mapped column under rlhflab's field name (the --columns option)."""
+    if not mapping or not isinstance(row, dict):
+        return row
+    missing = [column for column in mapping.values() if column not in row]
+    if missing:
+        raise RowError(f"no column {missing[0]!r} (named by --columns); the row has {sorted(row)}")
+    renamed = {k: v for k, v in row.items() if k not in mapping.values() and k not in mapping}
+    return {**renamed, **{name: row[column] for name, column in mapping.items()}}
+
+
 def load_records(source: str, kind: str, fmt: str = "auto", skip_bad_rows: bool | None = None,
-                 max_rows: int = 0, hc3_answers: str = "chatgpt", option: str = "--data") -> tuple[list[Record], LoadStats]:
+                 max_rows: int = 0, hc3_answers: str = "chatgpt", option: str = "--data",
+                 columns: str | None = None) -> tuple[list[Record], LoadStats]:
     """Read and normalise a whole data source. Bad rows raise, or with `skip_bad_rows` are skipped
-    and counted; None means the command has no --skip-bad-rows for this file (so no hint of it)."""
+    and counted; None means the command has no --skip-bad-rows for this file (so no hint of it).
+    `columns` (--columns) renames a dataset's columns to the fields its format names."""
     stats = LoadStats()
     records: list[Record] = []
     chosen_fmt = None if fmt == "auto" else fmt
+    mapping = parse_columns(columns)
     for where, row in iter_raw_rows(source):
         if max_rows and stats.rows_used >= max_rows:
             break
         stats.rows_read += 1
         try:
+            row = rename_columns(row, mapping)
             if chosen_fmt is None:
                 chosen_fmt = detect_format(row, kind) if isinstance(row, dict) else "unknown"
                 if chosen_fmt not in FORMAT_KINDS[kind]:
@@ -343,12 +427,20 @@ def load_records(source: str, kind: str, fmt: str = "auto", skip_bad_rows: bool 
             if len(stats.first_errors) < 5:
                 stats.first_errors.append(f"{where}: {exc}")
             continue
+        if kind == "preference" and made and all(len(set(record.responses)) < 2 for record in made):
+            stats.rows_without_preference += 1   # chosen == rejected, or a ranking of one answer repeated
+            continue
         for record in made:
             record.source = where
         records.extend(made)
         stats.rows_used += 1
+    if stats.rows_without_preference:
+        print(f"note: {option} {source}: {stats.rows_without_preference} rows whose responses are all the same "
+              "text carry no preference and were dropped", file=sys.stderr)
     if not records:
-        raise UsageError(f"{option} {source}: no usable rows (read {stats.rows_read}, skipped {stats.rows_skipped})")
+        raise UsageError(f"{option} {source}: no usable rows (read {stats.rows_read}, skipped {stats.rows_skipped}"
+                         + (f", {stats.rows_without_preference} with identical responses" if stats.rows_without_preference
+                            else "") + ")")
     return records, stats
 
 

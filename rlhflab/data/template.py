@@ -23,9 +23,18 @@ IGNORE_INDEX = -100
 
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
 
+# The {% generation %} block marks what an assistant turn trains on (its answer and <|im_end|>,
+# as rlhflab's own label mask does), so that `apply_chat_template(..., return_assistant_tokens_mask=True)`
+# and trainers built on it (TRL's assistant_only_loss) find the same tokens. It renders nothing.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\n' }}"
+    "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )

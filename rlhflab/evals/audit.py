@@ -15,10 +15,18 @@ from pathlib import Path
 from rlhflab.config import opt
 from rlhflab.data.formats import FORMAT_KINDS, detect_format, iter_raw_rows, load_records
 from rlhflab.errors import UsageError
+from rlhflab.evals import rule_scores
 from rlhflab.models.loading import choose_placement
 from rlhflab.rewards.degenerate import KINDS, degenerate_answers
 from rlhflab.rewards.model import load_reward_model, score_texts
-from rlhflab.runs import atomic_write_json, atomic_write_jsonl, refuse_a_directory
+from rlhflab.rewards.rules import is_rule_model
+from rlhflab.runs import (
+    atomic_write_json,
+    atomic_write_jsonl,
+    input_paths,
+    refuse_a_directory,
+    refuse_overwriting_inputs,
+)
 
 HACKABLE_SHARE = 0.05
 
@@ -112,6 +120,7 @@ def run(config: AuditConfig) -> int:
         raise UsageError("give --model (a reward model directory)")
     if config.out:
         refuse_a_directory(config.out)
+        refuse_overwriting_inputs(config.out, input_paths(config), directory=False)
     references = _references(config)
     model, tokenizer = load_reward_model(config.model, choose_placement(config.device, config.dtype),
                                          config.trust_remote_code)
@@ -142,6 +151,9 @@ def score_command(config: ScoreConfig) -> int:
         raise UsageError("give --model (a reward model) and --data (a file to score)")
     if config.out:
         refuse_a_directory(config.out)
+        refuse_overwriting_inputs(config.out, input_paths(config), directory=False)
+    if is_rule_model(config.model):   # a rule reward model: a probability per rule, not one score
+        return rule_scores.score_command(config)
     if holds_preferences(config.data):
         records, _ = load_records(config.data, "preference")
         items = [(r.messages, resp, rank) for r in records for rank, resp in enumerate(r.responses)]

@@ -23,8 +23,9 @@ from rlhflab.errors import UsageError
 from rlhflab.feedback.preferences import sample_responses
 from rlhflab.infer.engine import SamplingParams, generate_text, greedy_answers
 from rlhflab.models.loading import _check_source, choose_placement, load_causal_lm, load_tokenizer
+from rlhflab.rewards import compose
 from rlhflab.rewards.model import is_reward_model, load_reward_model, score_texts
-from rlhflab.runs import atomic_write_json, atomic_write_jsonl
+from rlhflab.runs import atomic_write_json, atomic_write_jsonl, input_paths, refuse_overwriting_inputs
 from rlhflab.train.roles import response_logprobs
 from rlhflab.world import judge
 from rlhflab.world.judge import FACETS
@@ -204,16 +205,22 @@ def evaluate_models(models: dict[str, str], records, config, answers_dir: Path |
 
 
 def best_of_n(policy: str, rm: str, records, n: int, config, answers_dir: Path | None = None) -> dict:
-    """Sample n answers per prompt from `policy`, keep the one the reward model scores highest."""
+    """Sample n answers per prompt from `policy`, keep the one the reward model scores highest. `rm`
+    is a reward model directory, or weighted parts as `ppo --reward` takes them, comma-joined
+    (rewards/compose.py): "rm:DIR,rules:DIR:0.5"."""
 
     placement = choose_placement(config.device, config.dtype)
     model = load_causal_lm(policy, placement, config.trust_remote_code).eval()
     tokenizer = load_tokenizer(policy, config.trust_remote_code)
     rows = sample_responses(model, tokenizer, records, n, config.max_new_tokens, 1.0, 1.0, config.seed,
                             config.batch_size)
-    reward_model, rm_tokenizer = load_reward_model(rm, placement)
-    scores = score_texts(reward_model, rm_tokenizer, [row["prompt"] + [{"role": "assistant", "content": t}]
-                                                      for row in rows for t in row["responses"]])
+    if compose.is_composed(rm):   # weighted parts, as `ppo --reward` takes them
+        reward = compose.build(rm, placement, world_prompts=all(r.meta.get("family") for r in records))
+        scores = reward([r for r in records for _ in range(n)], [t for row in rows for t in row["responses"]])
+    else:
+        reward_model, rm_tokenizer = load_reward_model(rm, placement)
+        scores = score_texts(reward_model, rm_tokenizer, [row["prompt"] + [{"role": "assistant", "content": t}]
+                                                          for row in rows for t in row["responses"]])
     texts, best_scores = [], []
     for i, row in enumerate(rows):
         mine = scores[i * n:(i + 1) * n]
@@ -268,6 +275,10 @@ def run(config: EvalConfig) -> int:
         out = out / "figures.json"          # a directory: the figures inside it, the answers beside them
     if out is not None and any(p.exists() and not p.is_dir() for p in out.parents):
         raise UsageError(f"--out {config.out}: a file stands where a directory of it should be")
+    if out is not None:   # the figures and the answers beside them: never into a model's directory, nor over an input
+        inputs = input_paths(config)
+        for written in (out, *(out.parent / f"{name}.jsonl" for name in models)):
+            refuse_overwriting_inputs(written, inputs, directory=False)
     results = evaluate_models(models, records, config, out.parent if out else None)
     print(format_table(results))
     if out is not None:

@@ -10,7 +10,7 @@ from rlhflab.data.formats import load_prompts
 from rlhflab.errors import UsageError
 from rlhflab.infer.engine import greedy_answers
 from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokenizer
-from rlhflab.runs import atomic_write_jsonl
+from rlhflab.runs import atomic_write_jsonl, input_paths, refuse_a_directory, refuse_overwriting_inputs, text_lines
 from rlhflab.world import format_table, judge_file
 from rlhflab.world import judge as gold
 
@@ -21,15 +21,16 @@ def judge(config) -> int:
 
     if bool(config.responses) == bool(config.model):
         raise UsageError("give either --responses FILE, or --model M with --prompts P")
+    if config.out:   # before any work: never over an input, nor into the model's directory
+        refuse_a_directory(config.out)
+        refuse_overwriting_inputs(config.out, input_paths(config), directory=False)
     if config.responses:
         if not Path(config.responses).is_file():
             raise UsageError(f"--responses {config.responses}: no such file")
-        try:
-            result = judge_file(config.responses)
-        except ValueError as exc:
-            raise UsageError(f"--responses {exc}") from None
-        if not result["n"]:
-            raise UsageError(f"--responses {config.responses}: no responses in it")
+        rows = read_responses(config.responses)
+        with tempfile.TemporaryDirectory() as tmp:   # the rows as checked (UTF-8, a byte-order mark dropped)
+            atomic_write_jsonl(Path(tmp) / "responses.jsonl", rows)
+            result = {**judge_file(str(Path(tmp) / "responses.jsonl")), "path": config.responses}
     else:
         if not config.prompts:
             raise UsageError("--model needs --prompts (e.g. eval_prompts.jsonl from `rlhflab world export`)")
@@ -42,18 +43,44 @@ def judge(config) -> int:
             atomic_write_jsonl(Path(tmp) / "responses.jsonl", rows)
             result = judge_file(str(Path(tmp) / "responses.jsonl"))
     if config.out:
-        atomic_write_jsonl(config.out, scored_rows(config.responses, rows if config.model else None))
+        atomic_write_jsonl(config.out, scored_rows(rows))
         print(f"scored responses written to {config.out}")
     print(format_table(result))
     return 0
 
 
-def scored_rows(path: str | None, rows: list[dict] | None) -> list[dict]:
+def read_responses(path: str) -> list[dict]:
+    """The {messages, response, meta?} rows of a JSONL file, each checked; errors name file and line."""
+    rows = []
+    for number, line in text_lines(path):
+        if not line.strip():
+            continue
+        where = f"--responses {path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{where}: expected a JSON object with 'messages' and 'response'")
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise UsageError(f"{where}: field 'messages' must be a list of {{\"role\", \"content\"}} objects with "
+                             "string values")
+        if not isinstance(row.get("response"), str):
+            raise UsageError(f"{where}: field 'response' must be a string, got {type(row.get('response')).__name__}")
+        if row.get("meta") is not None and not isinstance(row["meta"], dict):
+            raise UsageError(f"{where}: field 'meta' must be an object")
+        rows.append(row)
+    if not rows:
+        raise UsageError(f"--responses {path}: no responses in it")
+    return rows
+
+
+def scored_rows(rows: list[dict]) -> list[dict]:
     """Each {messages, response, meta} row with the gold judge's score and facets added."""
 
-    if rows is None:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-        rows = [json.loads(line) for line in lines if line.strip()]
     out = []
     for row in rows:
         result = gold(row["messages"], row["response"], row.get("meta"))

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from rlhflab.config import opt
 from rlhflab.errors import UsageError
+from rlhflab.evals import verdict
 from rlhflab.runs import atomic_write_text
+from rlhflab.world import judge
 
 STAGE_ORDER = ("pretrain", "sft", "rm", "ppo", "grpo", "dpo")
 
@@ -41,6 +43,7 @@ OVERVIEW = (
     ("final loss", ("final_loss",)),
     ("tokens/s", ("tokens_per_s",)),
     ("peak RSS (MiB)", ("peak_rss_mib", "peak_rss_mb")),
+    ("peak CUDA (MiB)", ("peak_cuda_mib",)),
 )
 
 ANSWER_PROMPTS = 12     # held-out prompts shown side by side
@@ -52,13 +55,14 @@ MAX_CHARS = 600         # longest answer shown in full
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#17becf")
 
 STYLE = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1500px; padding: 0 1em; color: #222; }
 h1, h2, h3 { font-weight: 600; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: .5em 0 1em; } td, th { border: 1px solid #ddd; padding: .25em .5em;
   vertical-align: top; text-align: left; } th { background: #f5f5f5; } td.num { text-align: right;
   font-variant-numeric: tabular-nums; }
 .text { white-space: pre-wrap; max-width: 40em; } .empty { color: #999; font-style: italic; }
-.charts { display: flex; flex-wrap: wrap; gap: .5em; } svg.chart { background: #fff; border: 1px solid #eee; }
+.charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(440px, 1fr)); gap: .5em; }
+svg.chart { width: 100%; height: auto; background: #fff; border: 1px solid #eee; }
 tr.hackable td { background: #fde2e2; } .flag { color: #c00; font-weight: 600; }
 .notes { background: #fff8e1; border: 1px solid #f0d98c; padding: .5em 1em; } .alarms { color: #c00; }
 """
@@ -111,6 +115,7 @@ def read_jsonl(path: Path, notes: list[str]) -> list[dict]:
 
 def stage_sort_key(name: str) -> tuple:
     base, _, number = name.partition("-round-")
+    base = base if base in STAGE_ORDER else base.split("-")[0]   # rm-short, ppo-guarded: with rm, ppo
     rank = STAGE_ORDER.index(base) if base in STAGE_ORDER else len(STAGE_ORDER)
     return rank, int(number) if number.isdigit() else -1, name
 
@@ -203,10 +208,42 @@ def _span(values: list[float]) -> tuple[float, float]:
     return low - pad, high + pad
 
 
+def nice_ticks(low: float, high: float, count: int = 5, whole: bool = False) -> tuple[list[float], int]:
+    """Ticks on round values (1, 2, 2.5 or 5 times a power of ten) inside [low, high], as close to
+    `count` of them as such steps allow, and the decimals their labels need; `whole`: integers (steps)."""
+    exponent = math.floor(math.log10(max(high - low, 1e-12) / count))
+    steps = [(m * 10.0 ** e, m) for e in (exponent - 1, exponent, exponent + 1) for m in (1, 2, 2.5, 5)]
+    if whole:
+        steps = [(step, m) for step, m in steps if step >= 1 and step == int(step) and m != 2.5] or [(1.0, 1)]
+
+    def ticks(step):
+        return range(math.ceil(low / step - 1e-9), math.floor(high / step + 1e-9) + 1)
+
+    step, mantissa = min(steps, key=lambda s: (abs(len(ticks(s[0])) - count), -s[0]))
+    decimals = 0 if whole else max(0, -math.floor(math.log10(step) + 1e-9) + (mantissa == 2.5))
+    return [round(k * step, decimals + 6) for k in ticks(step)] or [low, high], decimals
+
+
+def smoothed(line: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """An exponential moving average of a noisy curve (debiased at its start), its weight growing
+    with the number of points: the trend in view, the raw curve drawn faintly under it."""
+    weight = min(0.95, max(0.0, 1 - 10 / len(line)))
+    out, average = [], 0.0
+    for n, (x, y) in enumerate(line, 1):
+        average = weight * average + (1 - weight) * y
+        out.append((x, average / (1 - weight ** n)))
+    return out
+
+
+SMOOTH_FROM = 30        # a curve with this many points gets a smoothed line over its faint raw one
+
+
 def line_chart(title: str, lines: dict[str, list[tuple[float, float]]], marks: list[tuple[float, str]]) -> str:
-    width, height, left, right, top, bottom = 520, 220, 58, 12, 30, 28
+    width, height, left, right, top, bottom = 560, 240, 58, 14, 30, 40
     points = [p for line in lines.values() for p in line]
-    x0, x1 = _span([x for x, _ in points])
+    x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
+    if x0 == x1:
+        x0, x1 = x0 - 0.5, x1 + 0.5
     y0, y1 = _span([y for _, y in points])
 
     def sx(x):
@@ -215,16 +252,21 @@ def line_chart(title: str, lines: dict[str, list[tuple[float, float]]], marks: l
     def sy(y):
         return top + (y1 - y) / (y1 - y0) * (height - top - bottom)
 
-    parts = [f'<svg class="chart" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}"><title>{esc(title)}</title>',
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" preserveAspectRatio="xMidYMid meet" '
+             f'role="img" aria-label="{esc(title)}"><title>{esc(title)}</title>',
              f'<text x="{left}" y="16" font-size="13" font-weight="600">{esc(title)}</text>']
-    for i in range(5):
-        y = y0 + (y1 - y0) * i / 4
+    y_ticks, decimals = nice_ticks(y0, y1)
+    for y in y_ticks:
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eee"/>'
-                     f'<text x="{left - 4}" y="{sy(y) + 4:.1f}" font-size="10" text-anchor="end">{esc(fmt(y))}</text>')
-    for x, anchor in ((min(x for x, _ in points), "start"), (max(x for x, _ in points), "end")):
-        parts.append(f'<text x="{sx(x):.1f}" y="{height - 10}" font-size="10" text-anchor="{anchor}">'
-                     f'step {esc(fmt(x))}</text>')
+                     f'<text class="ytick" x="{left - 4}" y="{sy(y) + 4:.1f}" font-size="10" text-anchor="end">'
+                     f'{y:.{decimals}f}</text>')
+    x_ticks, _ = nice_ticks(x0, x1, 6, whole=True)
+    for x in x_ticks:
+        parts.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{height - bottom}" y2="{height - bottom + 4}" '
+                     f'stroke="#999"/><text class="xtick" x="{sx(x):.1f}" y="{height - bottom + 15}" font-size="10" '
+                     f'text-anchor="middle">{x:,.0f}</text>')
+    parts.append(f'<text class="xlabel" x="{(left + width - right) / 2:.1f}" y="{height - 4}" font-size="11" '
+                 'text-anchor="middle">optimizer step</text>')
     for step, message in marks:
         if x0 <= step <= x1:
             parts.append(f'<line class="alarm" x1="{sx(step):.1f}" x2="{sx(step):.1f}" y1="{top}" '
@@ -233,7 +275,13 @@ def line_chart(title: str, lines: dict[str, list[tuple[float, float]]], marks: l
     for slot, (name, line) in enumerate(lines.items()):
         color = COLORS[slot % len(COLORS)]
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in line)
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{coords}"/>')
+        if len(line) >= SMOOTH_FROM:
+            trend = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in smoothed(line))
+            parts.append(f'<polyline class="raw" fill="none" stroke="{color}" stroke-opacity="0.25" '
+                         f'stroke-width="1" points="{coords}"/>'
+                         f'<polyline class="smoothed" fill="none" stroke="{color}" stroke-width="2" points="{trend}"/>')
+        else:
+            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{coords}"/>')
         if len(line) < 30:  # sparse series (end-of-training evals) would be invisible as a line
             parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in line]
         parts.append(f'<text x="{width - right - 130 * (len(lines) - 1 - slot)}" y="16" font-size="11" '
@@ -274,14 +322,18 @@ def stage_alarms(rows: list[dict], summary: dict | None) -> list[tuple[float, st
 
 
 def overview_section(stages: list[Path], summaries: dict[str, dict | None]) -> str:
+    """One row per stage; a column only some stages could have (peak CUDA memory) shows when one has it."""
+    columns = [(head, keys) for head, keys in OVERVIEW if head != "peak CUDA (MiB)"
+               or any(s and any(k in s for k in keys) for s in summaries.values())]
     rows = []
     for stage in stages:
         summary = summaries[stage.name]
         status = "finished" if summary is not None else "unfinished (no summary.json)"
         cells = [number_cell(next((summary[k] for k in keys if k in summary), None) if summary else None)
-                 for _, keys in OVERVIEW]
+                 for _, keys in columns]
         rows.append(f"<tr><td>{esc(stage.name)}</td><td>{esc(status)}</td>{''.join(cells)}</tr>")
-    return "<h2>Stages</h2>" + table(["stage", "status"] + [h for h, _ in OVERVIEW], rows)
+    return ("<h2>Stages</h2><p>Peak memory is each stage's own, counted from its start.</p>"
+            + table(["stage", "status"] + [h for h, _ in columns], rows))
 
 
 def summary_tables(summary: dict) -> str:
@@ -423,6 +475,114 @@ def answers_section(eval_dir: Path, notes: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The story at the top of the page: a verdict written from the figures, each RLHF model against
+# SFT facet by facet, answers that changed, and every alarm.
+
+CHANGED_ANSWERS = 3     # answers shown that the best model improved most (and as many it made worse)
+
+
+def run_facts(results: dict | None, summaries: dict[str, dict | None], audits: dict[str, dict]) -> dict:
+    """What the verdict reads: the quickstart's results.json, completed with what the stages left."""
+    facts = dict(results) if isinstance(results, dict) else {}
+    if not isinstance(facts.get("models"), dict):
+        facts["models"] = {}
+    if not isinstance(facts.get("stages"), dict):
+        facts["stages"] = {name: s for name, s in summaries.items() if s is not None}
+    if not isinstance(facts.get("audits"), dict):
+        facts["audits"] = audits
+    return facts
+
+
+def delta_cell(value, before, higher_is_better: bool = True) -> str:
+    if not is_number(value):
+        return number_cell(None)
+    if not is_number(before):
+        return number_cell(value)
+    change = value - before
+    good = change > 0 if higher_is_better else change < 0
+    color = "#888" if abs(change) < 1e-9 else ("#1a7f37" if good else "#c00")
+    return (f'<td class="num">{esc(fmt(value))} <span style="color: {color}">'
+            f'({"+" if change >= 0 else "−"}{abs(change):.3f})</span></td>')
+
+
+def before_after_section(models: dict) -> str:
+    sft = models.get(verdict.BASELINE)
+    after = [name for name, m in models.items() if name not in verdict.NOT_RLHF and isinstance(m, dict)]
+    if not isinstance(sft, dict) or not after:
+        return ""
+    facets = list(sft.get("facets") or {}) if isinstance(sft.get("facets"), dict) else []
+    rows = []
+    for label, get, higher in ([("gold", lambda m: m.get("gold"), True)]
+                               + [(f, lambda m, f=f: (m.get("facets") or {}).get(f), True) for f in facets]
+                               + [("mean chars", lambda m: m.get("mean_chars"), None),
+                                  ("empty", lambda m: m.get("empty"), False)]):
+        cells = [number_cell(get(sft), shade=higher is True)]
+        cells += [delta_cell(get(models[name]), get(sft), higher is not False) if higher is not None
+                  else number_cell(get(models[name])) for name in after]
+        rows.append(f"<tr><td>{esc(label)}</td>{''.join(cells)}</tr>")
+    return ("<h3>Before and after, facet by facet</h3><p>Held-out prompts; each RLHF model's change against SFT "
+            "in brackets.</p>" + table(["figure", "sft", *after], rows))
+
+
+def changed_answers(eval_dir: Path, best: str, notes: list[str]) -> list[tuple[str, str, str, float | None,
+                                                                              float | None]]:
+    """(prompt, SFT's answer, the best model's, their gold scores) where the answers differ: the
+    largest gains first, then the largest losses; the first few that differ without a gold judge."""
+    before = {prompt_text(r): r for r in read_jsonl(eval_dir / f"{verdict.BASELINE}.jsonl", notes)}
+    found = []
+    for row in read_jsonl(eval_dir / f"{best}.jsonl", notes):
+        prompt = prompt_text(row)
+        old = before.get(prompt)
+        if old is None or old.get("response") == row.get("response"):
+            continue
+        meta, messages = row.get("meta"), row.get("messages")
+        scores = [None, None]
+        if isinstance(meta, dict) and meta.get("family") and isinstance(messages, list):
+            scores = [judge(messages, str(r.get("response") or ""), meta).score for r in (old, row)]
+        found.append((prompt, old.get("response"), row.get("response"), *scores))
+    if not all(is_number(f[3]) for f in found):
+        return found[: 2 * CHANGED_ANSWERS]
+    found.sort(key=lambda f: f[3] - f[4])
+    gains = [f for f in found if f[4] > f[3]][:CHANGED_ANSWERS]
+    losses = [f for f in reversed(found) if f[4] < f[3]][:CHANGED_ANSWERS]
+    return gains + losses
+
+
+def changed_section(eval_dir: Path, facts: dict, notes: list[str]) -> str:
+    best = next(iter(verdict.gains(facts)), None)
+    if best is None or not (eval_dir / f"{best}.jsonl").is_file():
+        return ""
+    found = changed_answers(eval_dir, best, notes)
+    if not found:
+        return f"<h3>Answers that changed</h3><p>{esc(best)} answers every held-out prompt as SFT does.</p>"
+    rows = [f'<tr><td class="text">{esc(prompt)}</td>{text_cell(old)}{number_cell(gold_old, shade=True)}'
+            f"{text_cell(new)}{number_cell(gold_new, shade=True)}</tr>"
+            for prompt, old, new, gold_old, gold_new in found]
+    return (f"<h3>Answers that changed</h3><p>Held-out prompts where {esc(best)}, the model that gained the most "
+            "gold score, answers otherwise than SFT: those it improved most, then those it made worse.</p>"
+            + table(["prompt", "sft", "gold", best, "gold"], rows))
+
+
+def alarms_section(facts: dict) -> str:
+    items = [f"<li>{esc(name)}, step {esc(fmt(a.get('step')))}: {esc(a.get('message', ''))}</li>"
+             for name, s in facts["stages"].items() if isinstance(s, dict)
+             for a in (s.get("alarms") or []) if isinstance(a, dict)]
+    watched = [name for name, s in facts["stages"].items() if isinstance(s, dict) and "alarms" in s]
+    if not watched:
+        return ""
+    if not items:
+        return f"<h3>Alarms</h3><p>No alarm fired ({esc(', '.join(watched))}).</p>"
+    return f'<h3>Alarms</h3><ul class="alarms">{"".join(items)}</ul>'
+
+
+def story_section(run_dir: Path, facts: dict, notes: list[str]) -> str:
+    parts = [before_after_section(facts["models"]), changed_section(run_dir / "eval", facts, notes),
+             alarms_section(facts)]
+    return (f'<h2 id="verdict">What the run shows</h2><p class="verdict">{esc(verdict.verdict(facts))}</p>'
+            + "".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------
 # The page.
 
 
@@ -433,7 +593,8 @@ def render(run_dir: Path) -> str:
     summaries = {k: v if isinstance(v, dict) else None for k, v in summaries.items()}
     # The quickstart's results.json, else what `rlhflab eval --out RUN/eval` wrote (the same "models").
     results = read_json(run_dir / "results.json", notes) or read_json(run_dir / "eval" / "figures.json", notes)
-    body = [overview_section(stages, summaries)]
+    audits = {s.name: a for s in stages if isinstance(a := read_json(s / "audit.json", notes), dict)}
+    body = [story_section(run_dir, run_facts(results, summaries, audits), notes), overview_section(stages, summaries)]
     body += [stage_section(stage, summaries[stage.name], notes) for stage in stages]
     if isinstance(results, dict):
         body.append(results_section(results))

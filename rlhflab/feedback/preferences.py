@@ -1,8 +1,9 @@
 """Preference data from a model's own samples: `rlhflab sample` and `rlhflab rank`.
 
 `sample` writes K responses per prompt in the `rankings` shape (unranked, sample order).
-`rank` orders them with a judge — the toy world's gold judge, its noisy annotators, or a reward
-model — and writes `rankings` (best first, with the scores) or `pairs` (best against worst).
+`rank` orders them with a judge — the toy world's gold judge, its noisy annotators, a reward
+model, or an AI labeller under a constitution (feedback/ai_labeller.py) — and writes `rankings`
+(best first, with the scores) or `pairs` (best against worst).
 Iterative DPO (`rlhflab dpo --rounds R`) runs the same two functions between its rounds.
 """
 
@@ -18,10 +19,12 @@ from rlhflab.config import opt
 from rlhflab.data.formats import load_prompts
 from rlhflab.data.template import stop_token_ids
 from rlhflab.errors import UsageError
+from rlhflab.feedback import ai_labeller
+from rlhflab.feedback.constitution import load_constitution
 from rlhflab.infer.engine import SamplingParams, generate_text
 from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokenizer
 from rlhflab.rewards.model import load_reward_model, score_texts
-from rlhflab.runs import atomic_write_jsonl, refuse_a_directory
+from rlhflab.runs import atomic_write_jsonl, input_paths, refuse_a_directory, refuse_overwriting_inputs, text_lines
 from rlhflab.world import judge
 from rlhflab.world.preferences import perceived_scores
 
@@ -64,26 +67,38 @@ class RankConfig:
     stage = "rank"
     data: str | None = opt(None, "rankings-shaped JSONL from `rlhflab sample`")
     by: str = opt("judge", "who ranks: 'judge' (the toy world's gold judge), 'annotators' (its noisy labellers, "
-                           "as the world's preference data) or 'rm:DIR' (a reward model)")
+                           "as the world's preference data), 'rm:DIR' (a reward model), or an AI labeller under "
+                           "--constitution: 'model:DIR' (a local model) or 'openai:URL[#MODEL]' (an OpenAI-compatible "
+                           "endpoint; key from OPENAI_API_KEY), or 'shortest' (a labeller biased to brevity: the "
+                           "shorter answer wins whatever it says; the data of the reward-hacking scenario)")
     out: str | None = opt(None, "JSONL file to write")
     format: str = opt("pairs", "pairs (best against worst) or rankings (all, best first)", ("pairs", "rankings"))
     device: str = opt("auto", "where to run a reward model", ("auto", "cpu", "cuda"))
     dtype: str = opt("auto", "weights dtype of a reward model", ("auto", "fp32", "bf16", "fp16"))
-    seed: int = opt(0, "--by annotators: seed of their noise")
+    seed: int = opt(0, "--by annotators: seed of their noise; AI labellers: seed of the principles drawn")
+    constitution: str = opt("toy", "AI labellers: the constitution YAML file ('toy': the toy world's)")
+    principles_per_pair: int = opt(0, "AI labellers: principles asked about per pair, drawn at random (0 = all)")
+    ranked_input: bool = opt(False, "AI labellers: --data is already ranked best first (by people); report the "
+                                    "labeller's agreement with that order")
+    judgments: str | None = opt(None, "AI labellers: write every pair's judgment (both orders, confidence) here")
+    batch_size: int = opt(32, "AI labellers: questions per forward pass of a local model")
 
     def check(self):
         for option in ("data", "out"):
             if not getattr(self, option):
                 raise UsageError(f"give --{option}")
-        check_ranker(self.by, "--by")
+        if self.by != SHORTEST:
+            check_ranker(self.by, "--by")
 
 
-RANKERS = ("judge", "annotators")   # and rm:DIR
+RANKERS = ("judge", "annotators")   # and rm:DIR, model:DIR, openai:URL
+SHORTEST = "shortest"   # `rank` only: a deliberately biased labeller (docs/scenarios.md)
+AI_LABELLERS = ("model:", "openai:")
 
 
 def check_ranker(by: str, option: str) -> None:
-    if by not in RANKERS and not by.startswith("rm:"):
-        raise UsageError(f"{option} {by!r}: expected 'judge', 'annotators' or 'rm:DIR'")
+    if by not in RANKERS and not by.startswith(("rm:", *AI_LABELLERS)):
+        raise UsageError(f"{option} {by!r}: expected 'judge', 'annotators', 'rm:DIR', 'model:DIR' or 'openai:URL'")
 
 
 def sample_responses(model, tokenizer, records, k: int, max_new_tokens: int, temperature: float, top_p: float,
@@ -98,9 +113,15 @@ def sample_responses(model, tokenizer, records, k: int, max_new_tokens: int, tem
             for i, r in enumerate(records)]
 
 
-def scorer(by: str, placement=None, option: str = "--by", seed: int = 0):
+def scorer(by: str, placement=None, option: str = "--by", seed: int = 0, constitution: str = "toy",
+           per_pair: int = 0):
     """A function (rows) -> list of score lists, one per row, from 'judge', 'annotators' (the judge's
-    scores through the world's annotator noise, seeded by `seed`) or 'rm:DIR' (given as `option`)."""
+    scores through the world's annotator noise, seeded by `seed`), 'rm:DIR' (given as `option`), or
+    an AI labeller 'model:DIR' / 'openai:URL' under `constitution` (wins + half the ties)."""
+    if by.startswith(AI_LABELLERS):
+        rules = load_constitution(constitution)
+        chat = ai_labeller.chat_backend(by, placement or choose_placement("auto", "auto"), option=option)
+        return lambda rows: ai_labeller.label_rows(rows, chat, rules, per_pair, seed).scores
     if by in RANKERS:
 
         def gold(row):
@@ -139,13 +160,19 @@ def rank_rows(rows: list[dict], scores: list[list[float]], fmt: str) -> tuple[li
             tied += 1
             continue
         meta = row.get("meta") or {}
+        # Toy-world rows carry the clean judge's score of each answer: kept, in the new order, so
+        # that a reward model trained on the output is still measured against the gold order.
+        gold = row.get("gold_scores")
+        gold = gold if isinstance(gold, list) and len(gold) == len(row_scores) else None
         if fmt == "pairs":
             out.append({"prompt": row["prompt"], "chosen": row["responses"][best],
                         "rejected": row["responses"][worst], "meta": meta,
-                        "scores": [row_scores[best], row_scores[worst]]})
+                        "scores": [row_scores[best], row_scores[worst]],
+                        **({"chosen_gold": gold[best], "rejected_gold": gold[worst]} if gold else {})})
         else:
             out.append({"prompt": row["prompt"], "responses": [row["responses"][i] for i in order],
-                        "scores": [row_scores[i] for i in order], "meta": meta})
+                        "scores": [row_scores[i] for i in order], "meta": meta,
+                        **({"gold_scores": [gold[i] for i in order]} if gold else {})})
     return out, tied
 
 
@@ -154,7 +181,7 @@ def read_rows(path: str) -> list[dict]:
     if not Path(path).is_file():
         raise UsageError(f"--data {path}: no such file")
     rows = []
-    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in text_lines(path):
         if not line.strip():
             continue
         try:
@@ -183,6 +210,7 @@ def read_rows(path: str) -> list[dict]:
 
 def sample_command(config: SampleConfig) -> int:
     refuse_a_directory(config.out)
+    refuse_overwriting_inputs(config.out, input_paths(config), directory=False)
     records = load_prompts(config.prompts)
     if config.max_rows:
         records = records[: config.max_rows]
@@ -198,12 +226,49 @@ def sample_command(config: SampleConfig) -> int:
 
 def rank_command(config: RankConfig) -> int:
     refuse_a_directory(config.out)
+    refuse_overwriting_inputs(config.out, input_paths(config), directory=False)
     rows = read_rows(config.data)
-    scores = scorer(config.by, choose_placement(config.device, config.dtype), seed=config.seed)(rows)
+    if config.by.startswith(AI_LABELLERS):
+        return ai_rank(rows, config)
+    if config.by == SHORTEST:   # fewer characters is better; an answer's content counts for nothing
+        scores = [[-float(len(text.strip())) for text in row["responses"]] for row in rows]
+    else:
+        scores = scorer(config.by, choose_placement(config.device, config.dtype), seed=config.seed)(rows)
     ranked, tied = rank_rows(rows, scores, config.format)
     if not ranked:
         raise UsageError(f"{config.data}: every prompt's responses tied under --by {config.by}; nothing to write")
     atomic_write_jsonl(config.out, ranked)
     print(f"{len(ranked)} {config.format} written to {config.out} ({tied} prompts dropped: all responses tied)",
           file=sys.stderr)
+    return 0
+
+
+def ai_rank(rows: list[dict], config: RankConfig) -> int:
+    """`rank --by model:DIR|openai:URL`: --format pairs writes every pair the labeller decided (ties
+    left out) with its confidence; rankings orders each prompt's responses by wins + half the ties.
+    Its agreement with gold / human labels goes to stderr."""
+    rules = load_constitution(config.constitution)
+    chat = ai_labeller.chat_backend(config.by, choose_placement(config.device, config.dtype),
+                                    batch_size=config.batch_size)
+    labels = ai_labeller.label_rows(rows, chat, rules, config.principles_per_pair, config.seed)
+    if config.judgments:
+        atomic_write_jsonl(config.judgments, labels.judgments)
+    report = ai_labeller.agreement(rows, labels, config.ranked_input)
+    print("labeller: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()),
+          file=sys.stderr)
+    if config.format == "pairs":
+        out = []
+        for j in labels.judgments:
+            if j["verdict"]:
+                row = rows[j["row"]]
+                win, lose = (j["i"], j["j"]) if j["verdict"] > 0 else (j["j"], j["i"])
+                out.append({"prompt": row["prompt"], "chosen": row["responses"][win], "rejected": row["responses"][lose],
+                            "confidence": j["confidence"], "meta": row.get("meta") or {}})
+    else:
+        out, _ = rank_rows(rows, labels.scores, "rankings")
+    if not out:
+        raise UsageError(f"{config.data}: the labeller decided no pair (every pair tied between the two orders); "
+                         "nothing to write")
+    atomic_write_jsonl(config.out, out)
+    print(f"{len(out)} {config.format} written to {config.out}", file=sys.stderr)
     return 0

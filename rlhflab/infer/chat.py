@@ -1,13 +1,17 @@
 """`rlhflab chat MODEL_OR_RUN_DIR`: talk to a policy in the terminal, answers streamed as they are generated.
 
 The argument is a model directory, a LoRA adapter (merged onto its recorded base on load), or a run
-directory such as runs/quickstart/, where the best finished policy is chosen: ppo, grpo, dpo, sft,
-pretrain, in that order. The conversation is kept as chat messages and rendered through the
+directory such as runs/quickstart/, where the best finished policy is chosen by the run's own
+evaluation (results.json or eval/figures.json: the gold score, else the win rate against the
+baseline, else the reward model's score); a run not yet evaluated falls back to the order ppo,
+grpo, dpo, sft, pretrain. The line printed first says which policy was chosen, and why. The conversation is kept as chat messages and rendered through the
 tokenizer's chat template every turn, exactly as training and evaluation render it.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -86,7 +90,52 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(parts[0]).exists()
 
 
+# How a run's evaluation ranks its policies, first found first: (figure, what it is called).
+RANK_BY = (("gold", "gold score"), ("win_rate", "win rate against the baseline"), ("rm_score", "reward-model score"))
+EVAL_FILES = ("results.json", "eval/figures.json")
+
+
+def _finished_policy(stage_dir: Path) -> bool:
+    return ((stage_dir / "summary.json").is_file() and _holds_model(stage_dir)
+            and not is_reward_model(str(stage_dir)))
+
+
+def _figure(model: dict, key: str):
+    value = model.get("vs_baseline", {}).get(key) if key == "win_rate" and isinstance(
+        model.get("vs_baseline"), dict) else model.get(key)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _ranked_by_eval(run_dir: Path) -> tuple[str, str] | None:
+    """The finished policy the run's evaluation scores highest, with a line saying so; None when
+    the run has no evaluation of its policies."""
+    for name in EVAL_FILES:
+        path = run_dir / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        models = data.get("models", data) if isinstance(data, dict) else None
+        if not isinstance(models, dict):
+            continue
+        stages = {model: run_dir / ("pretrain" if model == "base" else model) for model in models}
+        stages = {model: stage for model, stage in stages.items()
+                  if isinstance(models[model], dict) and _finished_policy(stage)}
+        for key, label in RANK_BY:
+            scores = {m: _figure(models[m], key) for m in stages if _figure(models[m], key) is not None}
+            if not scores:
+                continue
+            best = max(scores, key=scores.__getitem__)
+            others = ", ".join(f"{m} {v:.3f}" for m, v in sorted(scores.items(), key=lambda kv: -kv[1]) if m != best)
+            return str(stages[best]), (f"chatting with {stages[best]} (the {best} policy: the best {label} in "
+                                       f"{path}, {scores[best]:.3f}" + (f"; then {others}" if others else "") + ")")
+    return None
+
+
 def _best_policy(run_dir: Path) -> tuple[str, str]:
+    ranked = _ranked_by_eval(run_dir)
+    if ranked is not None:
+        return ranked
     unfinished = []
     for stage in POLICY_STAGES:
         stage_dir = run_dir / stage
@@ -94,8 +143,9 @@ def _best_policy(run_dir: Path) -> tuple[str, str]:
             continue
         if (stage_dir / "summary.json").is_file() and _holds_model(stage_dir):
             skipped = f"; not finished, so skipped: {', '.join(unfinished)}" if unfinished else ""
-            return str(stage_dir), (f"chatting with {stage_dir} (the {stage} policy, best finished stage of "
-                                    f"{run_dir}{skipped})")
+            return str(stage_dir), (f"chatting with {stage_dir} (the {stage} policy: {run_dir} has no evaluation "
+                                    f"to rank its policies by, so the first finished of {', '.join(POLICY_STAGES)}"
+                                    f"{skipped})")
         unfinished.append(stage)
     if unfinished:
         raise UsageError(f"{run_dir}: no finished policy yet: no summary.json (or no model) in "

@@ -10,7 +10,6 @@ directory (transformers reads the quantisation back), with bitsandbytes installe
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from rlhflab.config import opt
 from rlhflab.errors import UsageError
 from rlhflab.models.loading import (
     Placement,
+    check_model_directory,
     choose_placement,
     is_adapter_dir,
     keep_narrow_4bit_layers_plain,
@@ -29,7 +29,7 @@ from rlhflab.models.loading import (
     load_tokenizer,
     save_model,
 )
-from rlhflab.runs import atomic_write_directory, atomic_write_json
+from rlhflab.runs import atomic_write_directory, atomic_write_json, resolve_adapter_base
 
 MARKER = "quantized_from.json"
 
@@ -77,6 +77,8 @@ def load_quantized(name: str, bits: int, placement: Placement, trust_remote_code
             del merged
             return load_quantized(tmp, bits, placement, trust_remote_code, option)
     device = (placement.device.index or 0) if placement.device.type == "cuda" else "cpu"
+    if Path(name).is_dir():   # whole weight files, named when broken
+        check_model_directory(Path(name), option)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=placement.dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
@@ -146,6 +148,6 @@ def quantize_command(config: QuantizeConfig) -> int:
 def _weights_of(source: Path) -> list[Path]:
     """The safetensors files of a model directory, or of an adapter's base."""
     if is_adapter_dir(source):
-        base = json.loads((source / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        base = resolve_adapter_base(source)
         return _weights_of(Path(base)) if base and Path(base).is_dir() else []
     return sorted(source.glob("*.safetensors"))

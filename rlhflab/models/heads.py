@@ -11,6 +11,7 @@ states: the model returns (N, V) logits for the N selected positions, in row-maj
 from __future__ import annotations
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 
 def causal_lm(model):
@@ -68,3 +69,60 @@ def padding_mask_for(attention_mask: torch.Tensor) -> torch.Tensor | None:
     if attention_mask.shape[1] < 2 or bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
         return None
     return attention_mask
+
+
+# ---------------------------------------------------------------------------------------------
+# A reward model's directory as Hugging Face reads it. Transformers loads any causal LM directory
+# as AutoModelForSequenceClassification and fills a head it does not find with random weights,
+# saying little; so a reward model written by rlhflab either carries its head where that class
+# reads it, or cannot be loaded as one at all.
+
+# config.json of a LoRA reward model's directory: an adapter has no head transformers could load,
+# so this model type (which transformers does not know) makes every Auto class refuse it.
+REWARD_ADAPTER_CONFIG = {
+    "model_type": "rlhflab_reward_adapter__run_rlhflab_rm_export",
+    "architectures": [],
+    "note": "A LoRA reward model written by rlhflab: a peft adapter on base_model_name_or_path (adapter_config.json) "
+            "and its score head (score_head.safetensors). `rlhflab rm export` writes it as an "
+            "AutoModelForSequenceClassification.",
+}
+
+
+def classifier_head(lm) -> str | None:
+    """The attribute under which this causal LM's *ForSequenceClassification keeps its one-label
+    linear head ("score"), when that class reads the same body weights as the causal LM; else None."""
+    config = lm.config.__class__.from_dict(lm.config.to_dict())
+    config.num_labels = 1
+    try:
+        with torch.device("meta"):
+            classifier = AutoModelForSequenceClassification.from_config(config)
+    except (ValueError, KeyError, TypeError):
+        return None
+    head = getattr(classifier, "score", None)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        return None
+    body = {k for k in classifier.state_dict() if not k.startswith("score.")}
+    return "score" if body <= set(lm.state_dict()) else None
+
+
+def save_with_classifier_head(lm, weight: torch.Tensor, bias: torch.Tensor | None, out) -> float | None:
+    """Save a full reward model's causal LM into `out` with its score head also stored as the
+    sequence classifier's head, so the directory loads both as the causal LM rlhflab reads and as a
+    working AutoModelForSequenceClassification. Returns the constant the classifier's scores fall
+    short of rlhflab's (a bias its head has no room for), or None when no classifier can read it."""
+    name = classifier_head(lm)
+    if name is None:
+        lm.save_pretrained(str(out), safe_serialization=True)
+        return None
+    head = torch.nn.Linear(weight.shape[1], 1, bias=False).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    labels = lm.config.num_labels
+    lm.config.num_labels = 1
+    lm.add_module(name, head)
+    try:
+        lm.save_pretrained(str(out), safe_serialization=True)
+    finally:
+        delattr(lm, name)
+        lm.config.num_labels = labels
+    return float(bias.detach().reshape(-1)[0]) if bias is not None else 0.0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -23,9 +24,17 @@ from transformers import (
     PreTrainedModel,
 )
 
-from rlhflab.data.template import ensure_chat_template, ensure_pad_token
+from rlhflab import runs
+from rlhflab.data.template import ensure_chat_template, ensure_pad_token, stop_token_ids
 from rlhflab.errors import UsageError
-from rlhflab.runs import atomic_write_directory, atomic_write_json, check_output_directory
+from rlhflab.models.heads import save_with_classifier_head
+from rlhflab.runs import (
+    atomic_write_directory,
+    atomic_write_json,
+    check_output_directory,
+    check_weight_files,
+    resolve_adapter_base,
+)
 
 # Llama-shaped presets for models trained from scratch (vocab size comes from the tokenizer).
 PRESETS = {
@@ -63,26 +72,55 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def adapter_base(path: str | Path) -> str:
-    """The base model an adapter directory was trained on."""
-    config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
-    base = config.get("base_model_name_or_path")
+    """The base model an adapter directory was trained on (found again when its run moved: see
+    runs.resolve_adapter_base)."""
+    base = resolve_adapter_base(path)
     if not base:
         raise UsageError(f"{path}/adapter_config.json names no base_model_name_or_path")
     return base
 
 
 def _check_source(name: str, option: str, marker: str = "config.json") -> None:
-    """A path that does not exist is an error here; a hub id is left to the hub to answer."""
+    """A path that does not exist is an error here; a hub id is left to the hub to answer. A local
+    directory's weight files are checked whole, and an adapter's base must be there."""
     p = Path(name)
     if p.is_file():
         raise UsageError(f"{option} {name}: a file; expected a model directory or hub id")
     if p.exists():
         if p.is_dir() and not ((p / marker).exists() or is_adapter_dir(p)):
             raise UsageError(f"{option} {name}: the directory has no {marker} or adapter_config.json")
+        check_model_directory(p, option)
         return
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith((".json", ".safetensors"))
-    if looks_like_path:
+    if _looks_like_path(name):
         raise UsageError(f"{option} {name}: no such directory")
+
+
+def check_model_directory(path: Path, option: str) -> None:
+    """Before a library reads a local model, adapter or reward-model directory: its weights are
+    whole safetensors files (nothing else is read: an adapter_model.bin alone is refused), its JSON
+    files parse, and an adapter's base model exists."""
+    check_weight_files(path, f"{option} {path}")
+    for name in ("config.json", "adapter_config.json", "reward_config.json"):
+        file = path / name
+        if file.is_file():
+            try:
+                parsed = json.loads(file.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise UsageError(f"{option} {path}: {name} is not valid JSON ({exc})") from None
+            if not isinstance(parsed, dict):
+                raise UsageError(f"{option} {path}: {name} is not a JSON object")
+    if is_adapter_dir(path):
+        if not (path / "adapter_model.safetensors").is_file():
+            raise UsageError(f"{option} {path}: an adapter without adapter_model.safetensors (rlhflab loads weights "
+                             "from safetensors files only; a pickled adapter_model.bin is not read)")
+        base = adapter_base(path)
+        if _looks_like_path(base) and not Path(base).is_dir():
+            raise UsageError(f"{option} {path}: an adapter whose base model {base} (its adapter_config.json's "
+                             "base_model_name_or_path) is missing; put the base back there, or edit that field")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith((".json", ".safetensors"))
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: str = "auto",
@@ -115,11 +153,17 @@ def build_fresh(init_config: str, tokenizer, seed: int = 0):
         path = Path(init_config)
         if not path.exists():
             raise UsageError(f"--init-config {init_config}: no such file, and not a preset ({', '.join(PRESETS)})")
-        config = AutoConfig.from_pretrained(str(path))
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"--init-config {init_config}: not a model config.json ({exc})") from None
         for key, value in special.items():
             setattr(config, key, value)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+    try:
+        return AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        raise UsageError(f"--init-config {init_config}: cannot build a model from it ({type(exc).__name__}: {exc})") from None
 
 
 def load_causal_lm(name: str, placement: Placement, trust_remote_code: bool = False, train_full: bool = False,
@@ -147,6 +191,11 @@ def load_causal_lm(name: str, placement: Placement, trust_remote_code: bool = Fa
         )
     except (OSError, ValueError) as exc:
         raise UsageError(f"{option} {name}: cannot load the model: {exc}") from None
+    except RuntimeError as exc:
+        if "mismatch" not in str(exc):
+            raise
+        raise UsageError(f"{option} {name}: the weights do not have the shapes its config.json gives (a config.json "
+                         "of another model?)") from None
     if quantize_4bit:
         for module in model.modules():
             # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weight for its inference
@@ -309,23 +358,46 @@ def raise_unless_qlora_possible() -> None:
                          "installed: pip install bitsandbytes, or train with --lora alone") from None
 
 
-def save_model(model, tokenizer, out: Path, base_name: str | None = None) -> None:
-    """Save the trained model (full weights or adapter) and tokenizer as safetensors into `out`."""
+def save_model(model, tokenizer, out: Path, base_name: str | None = None, state_dict: dict | None = None) -> None:
+    """Save the trained model (full weights or adapter) and tokenizer as safetensors into `out`.
+    `state_dict`: the full weights gathered from the processes that each hold a slice (FSDP, ZeRO-3)."""
     out.mkdir(parents=True, exist_ok=True)
     unwrapped = getattr(model, "module", model)
-    unwrapped.save_pretrained(str(out), safe_serialization=True)
+    mark_end_of_turn(unwrapped, tokenizer)
+    unwrapped.save_pretrained(str(out), safe_serialization=True,
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(str(out))
-    if base_name is not None and is_adapter_dir(out):
-        record_adapter_base(out, base_name)
+    if is_adapter_dir(out):
+        save_generation_config(unwrapped, out)
+        if base_name is not None:
+            record_adapter_base(out, base_name)
+
+
+def mark_end_of_turn(model, tokenizer) -> None:
+    """Name the chat template's end-of-turn marker (<|im_end|>, <|eot_id|> ...) beside EOS as the
+    end token in the model's generation config, so that `model.generate`, `pipeline` and other
+    trainers stop an answer where rlhflab's own engine stops it, not at the length limit."""
+    generation = getattr(model, "generation_config", None)
+    ids = stop_token_ids(tokenizer)
+    if generation is None or not ids:
+        return
+    generation.eos_token_id = ids if len(ids) > 1 else ids[0]
+    if tokenizer.pad_token_id is not None:
+        generation.pad_token_id = tokenizer.pad_token_id
+
+
+def save_generation_config(model, out: Path) -> None:
+    """An adapter directory gets generation_config.json too: peft writes none, and it tells a
+    reader of the adapter (or of its merged model) which tokens end a turn."""
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(str(out))
 
 
 def record_adapter_base(out: Path, base_name: str) -> None:
-    """Point an adapter at its base by absolute path, so it loads from any working directory."""
-    path = out / "adapter_config.json"
-    adapter = json.loads(path.read_text(encoding="utf-8"))
-    base = Path(base_name)
-    adapter["base_model_name_or_path"] = str(base.resolve()) if base.exists() else base_name
-    path.write_text(json.dumps(adapter, indent=2), encoding="utf-8")
+    """Point an adapter at its base as the user named it, plus where it lies from the adapter, so
+    it loads from any working directory and after its run directory moves."""
+    runs.record_adapter_base(out, base_name)
 
 
 def merge_command(config) -> int:
@@ -341,15 +413,24 @@ def merge_command(config) -> int:
     tokenizer = load_tokenizer(config.adapter, config.trust_remote_code, option="--adapter")
 
     def fill(tmp: Path) -> None:
-        save_model(model, tokenizer, tmp)
-        atomic_write_json(tmp / "merged_from.json", {"adapter": str(Path(config.adapter).resolve()),
-                                                      "base": adapter_base(config.adapter)})
         head = Path(config.adapter) / "score_head.safetensors"
-        if head.is_file():   # a LoRA reward model: the merged body still needs its score head
+        if not head.is_file():
+            save_model(model, tokenizer, tmp)
+        else:   # a LoRA reward model: the merged body keeps its score head, and loads as a sequence classifier
+            tensors = load_file(str(head))
+            weight = next(t for t in tensors.values() if t.ndim == 2)
+            offset = save_with_classifier_head(model, weight, next((t for t in tensors.values() if t.ndim == 1), None),
+                                               tmp)
+            tokenizer.save_pretrained(str(tmp))
             shutil.copyfile(head, tmp / "score_head.safetensors")
             info = json.loads((Path(config.adapter) / "reward_config.json").read_text(encoding="utf-8")) \
                 if (Path(config.adapter) / "reward_config.json").is_file() else {}
-            atomic_write_json(tmp / "reward_config.json", {**info, "lora": False, "base": None})
+            info = {**info, "lora": False, "base": None, "sequence_classifier": offset is not None}
+            if offset:
+                info["sequence_classifier_offset"] = offset
+            atomic_write_json(tmp / "reward_config.json", info)
+        atomic_write_json(tmp / "merged_from.json", {"adapter": str(Path(config.adapter).resolve()),
+                                                      "base": adapter_base(config.adapter)})
 
     out = atomic_write_directory(config.out, fill, config.adapter, "merged_from.json")
     print(f"merged model written to {out}")

@@ -19,9 +19,10 @@ from rlhflab.data.template import encode_chat
 from rlhflab.errors import UsageError
 from rlhflab.losses import last_token_index
 from rlhflab.models.forward import hidden_states
-from rlhflab.models.heads import padding_mask_for
+from rlhflab.models.heads import REWARD_ADAPTER_CONFIG, padding_mask_for, save_with_classifier_head
 from rlhflab.models.loading import (
     adapter_base,
+    check_model_directory,
     choose_placement,
     context_limit,
     is_adapter_dir,
@@ -31,7 +32,7 @@ from rlhflab.models.loading import (
     record_adapter_base,
 )
 from rlhflab.models.packing import pack_groups, packed_length, packing_agrees
-from rlhflab.runs import atomic_write_directory, atomic_write_json, check_output_directory
+from rlhflab.runs import atomic_write_directory, atomic_write_json, check_output_directory, check_safetensors
 
 
 def build_reward_model(config, placement):
@@ -48,10 +49,20 @@ def build_reward_model(config, placement):
 
 
 def save_reward_model(model: RewardModel, tokenizer, out: Path, info: dict) -> None:
+    """The body (a full causal LM, or a LoRA adapter) with its tokenizer, score_head.safetensors and
+    reward_config.json. A full model also carries its head as a Hugging Face sequence classifier's
+    (it loads as a working AutoModelForSequenceClassification); an adapter directory refuses to
+    load as one (see models/heads.py), rather than load with a random head."""
     out.mkdir(parents=True, exist_ok=True)
-    model.lm.save_pretrained(str(out), safe_serialization=True)
     if info["lora"]:
+        model.lm.save_pretrained(str(out), safe_serialization=True)
         record_adapter_base(out, info["base"])
+        atomic_write_json(out / "config.json", REWARD_ADAPTER_CONFIG)
+    else:
+        offset = save_with_classifier_head(model.lm, model.score_head.weight.detach(), model.score_head.bias, out)
+        info = {**info, "sequence_classifier": offset is not None}
+        if offset:
+            info["sequence_classifier_offset"] = offset   # its scores are rlhflab's minus this constant
     tokenizer.save_pretrained(str(out))
     head = {k: v.detach().float().contiguous().cpu() for k, v in model.score_head.state_dict().items()}
     save_file(head, str(out / "score_head.safetensors"))
@@ -131,6 +142,7 @@ def check_reward_model(path: str, option: str) -> None:
         return
     if not path or not Path(path).is_dir():
         raise UsageError(f"{option} {path or '(empty)'}: no such directory")
+    check_model_directory(Path(path), option)
     if not (Path(path) / "score_head.safetensors").is_file():
         raise UsageError(f"{option} {path}: not a reward model (no score_head.safetensors from `rlhflab rm`, and "
                          "not a Hugging Face *ForSequenceClassification)")
@@ -334,8 +346,11 @@ def load_score_head(rm_dir: Path, hidden_size: int, device, option: str = "--rew
     path = Path(rm_dir) / "score_head.safetensors"
     if not path.exists():
         raise UsageError(f"{option} {rm_dir}: no score_head.safetensors (is it a reward model from `rlhflab rm`?)")
+    check_safetensors(path, option)
     tensors = load_file(str(path))
-    weight = next(t for k, t in tensors.items() if t.ndim == 2)
+    weight = next((t for k, t in tensors.items() if t.ndim == 2), None)
+    if weight is None:
+        raise UsageError(f"{option} {rm_dir}: score_head.safetensors holds no (1, hidden) weight")
     bias = next((t for k, t in tensors.items() if t.ndim == 1), None)
     if weight.shape != (1, hidden_size):
         raise UsageError(f"{option} {rm_dir}: score head has shape {tuple(weight.shape)}, the policy's hidden size is {hidden_size}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -283,7 +284,7 @@ def reference_logps(policy: PolicyAndReference, pairs: list[dict], config, polic
     bar.close()
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")   # each process writes its own, then renames
         save_file(out, str(tmp))
         tmp.replace(cache)
     return out
@@ -406,9 +407,9 @@ def run(config: DPOConfig) -> dict:
     if untouched:   # a fresh start: online rounds and reference caches of an earlier attempt are stale
         for stale in [*setup.out.glob("round-*"), *setup.out.glob("ref_logps_*.safetensors")]:
             if stale.is_dir():
-                shutil.rmtree(stale)
+                shutil.rmtree(stale, ignore_errors=True)   # another process may remove it first
             else:
-                stale.unlink()
+                stale.unlink(missing_ok=True)
 
     # Eval pairs and their reference log-probs (fixed for the whole run).
     eval_pairs, _ = encode_pairs(eval_records, tokenizer, config.max_length, config.pairs_from_rankings)
@@ -507,5 +508,6 @@ def run(config: DPOConfig) -> dict:
                    "adapter" if policy.reference_adapter else "adapters-off" if config.lora else
                    "precomputed" if config.precompute_ref else "live"),
                "rows_read": stats.rows_read if stats else 0, "rows_skipped": stats.rows_skipped if stats else 0,
+               "rows_without_preference": stats.rows_without_preference if stats else 0,
                **enc_stats, "lora": config.lora, "chosen_drop_warning": warned}
     return skeleton.finish(setup, summary)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from rlhflab.data.formats import iter_raw_rows
+from rlhflab.data.formats import iter_raw_rows, parse_columns
 from rlhflab.errors import UsageError
 from rlhflab.models.loading import count_parameters, fit_context, load_trainable, save_model
 from rlhflab.train import skeleton
@@ -70,7 +70,10 @@ def run(config) -> dict:
         raise UsageError("give exactly one of --model (continue pretraining), --init-config or --preset (from scratch)")
     if config.lora and not config.model:
         raise UsageError("--lora needs --model (a saved base); from scratch every weight is trained")
-    docs, stats = read_documents(config.data, config.text_field, config.skip_bad_rows)
+    columns = parse_columns(config.columns)
+    if set(columns) - {"text"}:
+        raise UsageError(f"--columns {config.columns}: pretraining reads one field, text (e.g. --columns text=body)")
+    docs, stats = read_documents(config.data, columns.get("text", config.text_field), config.skip_bad_rows)
     if config.tokenizer is None and config.model is None:
         raise UsageError("training from scratch needs --tokenizer (see `rlhflab tokenizer train`)")
     setup = skeleton.prepare_stage(config)
@@ -84,10 +87,10 @@ def run(config) -> dict:
 
     # Train (the shared next-token loop), then save.
     trained = train_next_token(config, setup, model, tokenizer, train, held_out)
-    trained_model = trained.pop("model")
+    trained_model, weights = trained.pop("model"), trained.pop("weights")
     samples = greedy_samples(trained_model, tokenizer)
     if setup.accelerator.is_main_process:
-        save_model(trained_model, tokenizer, setup.out, loaded.base)
+        save_model(trained_model, tokenizer, setup.out, loaded.base, state_dict=weights)
     eval_loss = trained["eval_loss"]
     summary = {
         "stage": "pretrain", **trained, "eval_perplexity": math.exp(min(eval_loss, 50)) if eval_loss else None,

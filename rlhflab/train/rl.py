@@ -5,7 +5,7 @@ How this departs from the papers, and why:
 - The collapse of a published run (an RM that liked empty answers) is guarded in two places: generation can
   suppress EOS for the first --min-new-tokens tokens, and the monitors log the empty-answer rate,
   response length and (on toy-world prompts) the gold score every step, with an alarm when the
-  reward rises while the gold score falls.
+  reward rises while the gold score falls, and one when the share of empty answers rises.
 - The KL to the reference is a per-token reward penalty (Ziegler et al. 2019, InstructGPT) for
   gae/rloo/reinforce++, and a k3 loss term for grpo (Shao et al. 2024), unless --kl-mode says
   otherwise; log-ratios are clamped and computed in fp32.
@@ -17,8 +17,11 @@ Dimensions: B rollouts per step (= prompts x --n-samples), P prompt tokens, R re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ from rlhflab.data.formats import Record, load_records
 from rlhflab.data.template import encode_prompt, stop_token_ids, turn_end_ids
 from rlhflab.errors import NonFiniteError, UsageError
 from rlhflab.infer.engine import SamplingParams, generate
+from rlhflab.rewards import compose
 from rlhflab.rewards.model import load_reward_model, reads_policy_tokens, score_texts
 from rlhflab.train import skeleton
 from rlhflab.train.roles import active_adapter, base_weight_copies, load_eval_reward_model, load_roles, save_policy
@@ -58,7 +62,13 @@ class RLConfig(ModelOptions, TrainOptions):
     reward: str | None = opt(None, "reward model directory written by `rlhflab rm`; a Hugging Face sequence "
                                    "classifier with one label (scores the answer's text with its own tokenizer and "
                                    "template); or 'judge': the toy world's gold judge as a programmatic reward "
-                                   "(toy-world prompts). With the last two the critic starts from SFT")
+                                   "(toy-world prompts). With the last two the critic starts from SFT. Repeat it to "
+                                   "add up weighted parts, each logged as reward/<part>: rm:DIR[:W], rules:DIR[:W] "
+                                   "(a rule reward model), python:FILE:FUNC[:W] (a TRL-style reward function), "
+                                   "judge[:W] (docs/rlaif.md)", repeatable=True)
+    rule_penalty: float = opt(0.0, "with a rules:DIR reward part: subtract this from an answer's reward when its "
+                                   "likeliest rule break passes --rule-threshold (a hard penalty; 0 = off)")
+    rule_threshold: float = opt(0.5, "--rule-penalty: the violation probability that counts as a break")
     prompts: str | None = opt(None, "prompts file (prompts/messages/pairs/rankings formats are accepted)")
     estimator: str = opt("gae", "how advantages are estimated: gae is PPO with a critic (InstructGPT), the others "
                          "are critic-free", losses.ESTIMATORS)   # the table says what each one needs
@@ -119,6 +129,9 @@ class RLConfig(ModelOptions, TrainOptions):
                              "or 'judge' on toy-world prompts)")
         if not self.prompts:
             raise UsageError("give --prompts (a file of prompts)")
+        parts = compose.parse_specs(self.reward)   # a malformed part is an error before anything loads
+        if self.rule_penalty and not any(part.kind == "rules" for part in parts):
+            raise UsageError("--rule-penalty needs a rules:DIR part in --reward")
         if self.n_samples < self.estimator_spec.min_samples:
             raise UsageError(f"--estimator {self.estimator} compares responses to the same prompt: --n-samples must "
                              f"be >= {self.estimator_spec.min_samples}")
@@ -140,6 +153,7 @@ class RLConfig(ModelOptions, TrainOptions):
 
 
 JUDGE = "judge"  # --reward judge: the toy world's gold judge instead of a reward model
+SUMMARY_FIGURES = ("reward", "kl_k1", "response_len", "empty_rate", "gold")   # summary.json's final_* means
 
 
 @dataclass
@@ -188,12 +202,35 @@ class GoldSignal:
 
 
 class Alarm:
-    """Reward rising while the gold signal falls over a window of logged steps."""
+    """Reward rising while the gold signal falls over a window of logged steps; and, with or without
+    a gold signal, the share of empty answers rising above that of the first window (the collapse
+    onto empty answers of a reward model that likes them), raised once each time it crosses."""
+
+    EMPTY_RISE = 0.2   # rise of the empty-answer share (absolute) that raises the alarm
+    MIN_GOLD_FALL = 0.02
 
     def __init__(self, window: int):
-        self.window, self.rewards, self.golds = window, [], []
+        self.window, self.rewards, self.golds, self.empties, self.empty_raised = window, [], [], [], False
 
-    def update(self, reward: float, gold: float | None) -> str | None:
+    def update(self, reward: float, gold: float | None, empty_rate: float | None = None) -> str | None:
+        messages = [m for m in (self.empty(empty_rate), self.diverging(reward, gold)) if m]
+        return "; ".join(messages) or None
+
+    def empty(self, empty_rate: float | None) -> str | None:
+        if empty_rate is None:
+            return None
+        self.empties.append(empty_rate)
+        w = self.window
+        if len(self.empties) < 2 * w:
+            return None
+        start, now = sum(self.empties[:w]) / w, sum(self.empties[-w:]) / w
+        raised, self.empty_raised = self.empty_raised, now - start > self.EMPTY_RISE
+        if self.empty_raised and not raised:
+            return (f"empty answers rose from {start:.0%} to {now:.0%} of the rollouts (a reward model that "
+                    "likes them; --min-new-tokens keeps EOS away from the start)")
+        return None
+
+    def diverging(self, reward: float, gold: float | None) -> str | None:
         if gold is None:
             return None
         self.rewards.append(reward)
@@ -202,8 +239,13 @@ class Alarm:
             return None
         w = self.window
         reward_gain = sum(self.rewards[-w:]) / w - sum(self.rewards[-2 * w:-w]) / w
-        gold_gain = sum(self.golds[-w:]) / w - sum(self.golds[-2 * w:-w]) / w
-        if reward_gain > 0 and gold_gain < -0.02:
+        before, now = self.golds[-2 * w:-w], self.golds[-w:]
+        gold_gain = sum(now) / w - sum(before) / w
+        # The step means of a few dozen sampled answers are noisy: a fall counts when it is larger than
+        # MIN_GOLD_FALL and than twice the standard error of the difference of the two windows' means,
+        # estimated from each window's own spread (a steady trend does not inflate it).
+        spread = math.sqrt((statistics.pvariance(before) + statistics.pvariance(now)) / 2)
+        if reward_gain > 0 and gold_gain < -max(self.MIN_GOLD_FALL, 2 * spread * math.sqrt(2 / w)):
             return f"reward rose by {reward_gain:.3f} while the gold score fell by {-gold_gain:.3f} (possible reward hacking)"
         return None
 
@@ -214,12 +256,15 @@ class Alarm:
 
 @torch.no_grad()
 def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, moments,
-            text_reward=None) -> tuple[Rollout, dict, list[str]]:
+            text_reward=None, accelerator=None) -> tuple[Rollout, dict, list[str]]:
+    """This process's rollouts of `records` (its share of the step's prompts), sampled with a seed
+    of its own; the reward's running moments are those of every process's scores."""
+    rank = accelerator.process_index if accelerator is not None else 0
 
     prompts = [encode_prompt(tokenizer, r.messages)[-config.max_length:] for r in records]
     params = SamplingParams(max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
                             temperature=config.temperature, top_p=config.top_p, do_sample=True,
-                            stop_token_ids=tuple(stop_token_ids(tokenizer)), seed=config.seed * 100_003 + step)
+                            stop_token_ids=tuple(stop_token_ids(tokenizer)), seed=config.seed * 100_003 + step + 1_000_003 * rank)
     with active_adapter(roles.lm, "default") if roles.lora else contextlib.nullcontext():
         gen = generate(roles.lm, tokenizer, prompts, params, step=step,
                        prompt_texts=[r.messages[-1]["content"] for r in records])
@@ -249,10 +294,11 @@ def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, mome
     else:
         raw_scores = passes(roles.scores, *rendered).float()                                       # (B,)
     scores = raw_scores - config.missing_eos_penalty * (~gen.finished).float()
-    if not torch.isfinite(scores).all():
+    everyone = accelerator.gather(scores) if accelerator is not None and accelerator.num_processes > 1 else scores
+    if not torch.isfinite(everyone).all():   # seen alike by every process, which all skip the step
         raise FloatingPointError("non-finite reward")
     if config.reward_norm:
-        mean, std = moments.update(scores)
+        mean, std = moments.update(everyone)
         scores = (scores - mean) / (std + 1e-6)
     if config.reward_clip:
         scores = scores.clamp(-config.reward_clip, config.reward_clip)
@@ -278,6 +324,7 @@ def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, mome
         "empty_rate": sum(not t.strip() for t in gen.texts) / len(gen.texts),
         "repetition_rate": sum(repetition(r) > 0.3 for r in responses) / len(responses),
         "truncated_rate": (~gen.finished).float().mean().item(),
+        **getattr(text_reward, "last_parts", {}),   # a composed reward's parts, each on its own
     }
     return rollout, stats, gen.texts
 
@@ -293,7 +340,9 @@ def update(roles, optimizer, accelerator, rollout: Rollout, config: RLConfig, kl
     group = roles.pack_group  # packed rows need whole groups: shuffle groups, not rows
     critic = config.estimator_spec.critic
     for _ in range(config.ppo_epochs):
-        for idx in (torch.randperm(batch // group)[:, None] * group + torch.arange(group)).flatten().split(config.mini_batch):
+        # --mini-batch counts rollouts over all processes; each takes its share.
+        share = config.mini_batch // accelerator.num_processes
+        for idx in (torch.randperm(batch // group)[:, None] * group + torch.arange(group)).flatten().split(share):
             ids, am, mask = rollout.input_ids[idx], rollout.attention_mask[idx], rollout.mask[idx]
             shared = critic and roles.shared_critic
             if shared:
@@ -313,7 +362,7 @@ def update(roles, optimizer, accelerator, rollout: Rollout, config: RLConfig, kl
                 ptx_loss = ptx.loss(roles)
                 loss = loss + config.ptx_coef * ptx_loss
                 metrics["ptx_loss"] = ptx_loss.item()
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss) and accelerator.num_processes == 1:   # several: the synced gradient tells all
                 raise FloatingPointError("non-finite loss")
             # A separate critic: policy backward first, so its graph is freed before the critic's
             # forward builds another (the gradients add up the same). A shared one: one graph, one backward.
@@ -324,12 +373,13 @@ def update(roles, optimizer, accelerator, rollout: Rollout, config: RLConfig, kl
                     values = roles.values(ids, am, rollout.prompt_len)
                 vf_loss, vf_metrics = losses.value_loss(values, rollout.values[idx], rollout.returns[idx], mask,
                                                         clip_eps=config.value_clip)
-                if not torch.isfinite(vf_loss):
+                if not torch.isfinite(vf_loss) and accelerator.num_processes == 1:
                     raise FloatingPointError("non-finite value loss")
                 accelerator.backward(loss + config.vf_coef * vf_loss if shared else config.vf_coef * vf_loss)
                 metrics.update(vf_metrics)
-            skeleton.optimizer_step(accelerator, [p for g in optimizer.param_groups for p in g["params"]], optimizer,
-                                  None, config.max_grad_norm)
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            metrics = skeleton.average_gradients(accelerator, params, float(mask.sum()), metrics)
+            skeleton.optimizer_step(accelerator, params, optimizer, None, config.max_grad_norm)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             count += 1
@@ -438,9 +488,9 @@ def judge_scores(records, texts: list[str]) -> list[float]:
     return [judge(r.messages, text, r.meta).score for r, text in zip(records, texts)]
 
 
-def dump_nonfinite(out: Path, step: int, records, reason: str) -> None:
-    """Keep the prompts of a skipped batch for inspection."""
-    runs.atomic_write_json(out / "nonfinite" / f"step-{step}.json",
+def dump_nonfinite(out: Path, step: int, records, reason: str, rank: int = 0) -> None:
+    """Keep the prompts of a skipped batch for inspection (each process its own share)."""
+    runs.atomic_write_json(out / "nonfinite" / (f"step-{step}.json" if rank == 0 else f"step-{step}-process-{rank}.json"),
                            {"step": step, "reason": reason, "prompts": [r.messages for r in records]})
 
 
@@ -455,11 +505,22 @@ def run(config: RLConfig) -> dict:
         raise UsageError(f"--reward judge scores answers with the toy world's judge, but {config.prompts} has "
                          "prompts without a toy-world meta.family (export them with `rlhflab world export`)")
     setup = skeleton.prepare_stage(config)
-    roles, tokenizer, info = load_roles(config, setup.placement)
-    reward_from_text = text_reward(config, setup.placement, tokenizer)
+    processes = setup.accelerator.num_processes
+    for name in ("rollout_prompts", "mini_batch"):   # counted over all processes, which each take an equal share
+        if getattr(config, name) % processes:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(config, name)}: counted over all processes and "
+                             f"split evenly between them; with {processes} processes give a multiple of {processes}")
+    composed = compose.build(config.reward, setup.placement, config.prompts, GoldSignal(records).world,
+                             config.rule_penalty, config.rule_threshold, config.trust_remote_code) \
+        if compose.is_composed(config.reward) else None
+    # A composed reward scores the answers' text, as the judge does: the roles then hold no reward model.
+    roles, tokenizer, info = load_roles(dataclasses.replace(config, reward=JUDGE) if composed else config,
+                                        setup.placement)
+    reward_from_text = composed or text_reward(config, setup.placement, tokenizer)
     if config.share_prompt and not config.estimator_spec.critic and config.n_samples > 1:
-        if config.mini_batch % config.n_samples:
-            print(f"note: --mini-batch {config.mini_batch} is not a multiple of --n-samples {config.n_samples}, so a "
+        if (config.mini_batch // processes) % config.n_samples:
+            print(f"note: --mini-batch {config.mini_batch} (per process: {config.mini_batch // processes}) is not a "
+                  f"multiple of --n-samples {config.n_samples}, so a "
                   "prompt's samples can fall in different mini-batches: each runs with its own copy of the prompt",
                   file=sys.stderr)
         elif roles.can_share_prompt(len(tokenizer)):
@@ -494,52 +555,65 @@ def run(config: RLConfig) -> dict:
         kl_ctl.load_state_dict(setup.state["kl_controller"])
         moments.load_state_dict(setup.state["reward_moments"])
     samples_path = setup.out / "samples.jsonl"
-    if not setup.resume_from:
+    if not setup.resume_from and accelerator.is_main_process:
         samples_path.unlink(missing_ok=True)
     alarm, alarms, nonfinite, last_checkpoint = Alarm(config.alarm_window), [], 0, setup.resume_from
-    history = []
+    # Each step's summary figures, the steps before a resume included (from the checkpoint), so
+    # that the summary and the alarms of a resumed run are those of an uninterrupted one.
+    history = list(setup.state.get("history", []))
+    alarms = list(setup.state.get("alarms", []))
+    for past in history:
+        alarm.update(past["reward"], past.get("gold"), past.get("empty_rate"))
 
     # Loop.
     timer = runs.Timer()
     bar = skeleton.progress(config.max_steps, step, config.stage, config.progress and accelerator.is_main_process)
     while step < config.max_steps:
         started = time.perf_counter()
-        batch_records = [records[i] for i in order.next() for _ in range(config.n_samples)]
+        # This process's share of the step's prompts (all of them with one process).
+        batch_records = [records[i] for i in skeleton.shard(order.next(), accelerator) for _ in range(config.n_samples)]
         try:
             rollout, row, texts = collect(roles_module, tokenizer, batch_records, config, step + 1, kl_ctl, moments,
-                                           reward_from_text)
+                                           reward_from_text, accelerator)
             row.update(update(roles_module, optimizer, accelerator, rollout, config, kl_ctl, ptx))
             nonfinite = 0
         except FloatingPointError as exc:
             nonfinite += 1
-            dump_nonfinite(setup.out, step + 1, batch_records, str(exc))
+            dump_nonfinite(setup.out, step + 1, batch_records, str(exc), accelerator.process_index)
             if nonfinite >= config.max_nonfinite:
                 raise NonFiniteError(f"{exc} in {nonfinite} batches in a row, last at step {step + 1}; batches dumped "
                                      f"to {setup.out / 'nonfinite'} (last good checkpoint: {last_checkpoint})") from None
             step += 1
             continue
         scheduler.step()
-        kl_ctl.update(row["kl_k1"], len(batch_records))
         step += 1
         gold_score = gold(batch_records, texts, *rollout.rendered) if gold.available else None
         if gold_score is not None:
             row["gold"] = gold_score
+        # Every process's rollouts count: figures are their means, and the KL controller (the same
+        # in every process) sees them all.
+        row = skeleton.mean_over_processes(accelerator, {**row, "rollouts": len(batch_records)})
+        row["rollouts"] = round(row["rollouts"] * processes)
+        gold_score = row.get("gold")
+        kl_ctl.update(row["kl_k1"], row["rollouts"])
         row["step_time_s"] = time.perf_counter() - started
-        message = alarm.update(row["reward"], gold_score)
+        message = alarm.update(row["reward"], gold_score, row.get("empty_rate"))
         if message:
             row["alarm"] = message
             alarms.append({"step": step, "message": message})
             print(f"\n[alarm] step {step}: {message}", file=sys.stderr)
-        history.append(row)
+        history.append({k: row[k] for k in (*SUMMARY_FIGURES, "step_time_s") if k in row})
         if step % config.log_every == 0 or step == config.max_steps:
             metrics_log.log(step, row)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl_k1']:.3f}", len=f"{row['response_len']:.1f}")
-        if config.probe_every and (step % config.probe_every == 0 or step == config.max_steps):
+        if config.probe_every and (step % config.probe_every == 0 or step == config.max_steps) \
+                and accelerator.is_main_process:
             write_probes(samples_path, roles_module, tokenizer, probes, config, step, gold, reward_from_text)
         if config.save_every and step % config.save_every == 0 and step < config.max_steps:
             last_checkpoint = skeleton.save_checkpoint(setup, config, step, order, {
-                "kl_controller": kl_ctl.state_dict(), "reward_moments": moments.state_dict()})
+                "kl_controller": kl_ctl.state_dict(), "reward_moments": moments.state_dict(),
+                "history": history, "alarms": alarms})
     bar.close()
 
     # Save.
@@ -549,7 +623,7 @@ def run(config: RLConfig) -> dict:
     summary = {"stage": config.stage, "estimator": config.estimator, "shared_prompt": roles_module.pack_group > 1,
                "steps": step, "wall_time_s": timer.elapsed,
                **{f"final_{k}": sum(r[k] for r in tail) / len(tail) for k in
-                  ("reward", "kl_k1", "response_len", "empty_rate", "gold") if tail and all(k in r for r in tail)},
+                  SUMMARY_FIGURES if tail and all(k in r for r in tail)},
                "alarms": alarms, "base_weight_copies": base_weight_copies(roles_module), "lora": config.lora,
                "prompts": len(records), "rows_read": stats.rows_read, "rows_skipped": stats.rows_skipped,
                "seconds_per_step": sum(r["step_time_s"] for r in history) / max(1, len(history))}

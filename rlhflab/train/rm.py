@@ -23,7 +23,7 @@ from rlhflab.data.template import encode_chat
 from rlhflab.errors import UsageError
 from rlhflab.rewards.degenerate import degenerate_answers
 from rlhflab.rewards.model import build_reward_model, can_share_prompt, save_reward_model, score_groups
-from rlhflab.train import skeleton
+from rlhflab.train import rules_rm, skeleton
 
 
 @dataclass
@@ -42,6 +42,9 @@ class RMConfig(ModelOptions, DataOptions, TrainOptions):
     lr: float = opt(1e-4, "peak learning rate")
     max_length: int = opt(256, "longest prompt + response in tokens (longer ones keep their end, "
                                            "where the score is read)")
+    rules: bool = opt(False, "train a rule reward model instead: one violation head per rule, from --data rows "
+                             "{prompt, response, rules: {name: 0 or 1}} (rules.jsonl); reports per-rule precision "
+                             "and recall")
     share_prompt: bool = opt(True, "score the responses to one prompt in one row, the prompt computed once "
                                    "(checked at the start; models that cannot take a 4D attention mask fall back)")
 
@@ -165,12 +168,18 @@ def evaluate(model, rows, pad_id, device, batch_size: int = 16, share: bool = Fa
 
 
 def run(config: RMConfig) -> dict:
+    if config.rules:
+        return rules_rm.run(config)
     # Load.
     if not config.data:
         raise UsageError("give --data (preference pairs or rankings)")
     records, eval_records, stats = skeleton.load_preferences(config)
     setup = skeleton.prepare_stage(config)
     model, tokenizer, info = build_reward_model(config, setup.placement)
+    # The LM head plays no part in a score: frozen, so that data-parallel processes wait for no gradient of it.
+    lm_head, embeddings = model.lm.get_output_embeddings(), model.lm.get_input_embeddings()
+    if lm_head is not None and lm_head.weight is not embeddings.weight:
+        lm_head.requires_grad_(False)
     share = config.share_prompt and can_share_prompt(model, tokenizer.pad_token_id, next(model.parameters()).device,
                                                      len(tokenizer))
     if config.share_prompt and not share:
@@ -208,5 +217,6 @@ def run(config: RMConfig) -> dict:
     summary = {"stage": "rm", "loss_type": config.loss, **trained, "final_loss": loop.row.get("loss"),
                "final_train_accuracy": loop.row.get("accuracy"), **figures,
                "rows_read": stats.rows_read, "rows_used": stats.rows_used, "rows_skipped": stats.rows_skipped,
+               "rows_without_preference": stats.rows_without_preference,
                "rows_truncated": truncated, "harden": config.harden, "lora": config.lora, "shared_prompt": share}
     return skeleton.finish(setup, summary)

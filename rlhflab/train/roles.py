@@ -37,11 +37,14 @@ from rlhflab.models.forward import (
 from rlhflab.models.heads import causal_lm, logits_at
 from rlhflab.models.loading import (
     adapter_base,
+    check_model_directory,
     is_adapter_dir,
     load_causal_lm,
     load_tokenizer,
     load_trainable,
+    mark_end_of_turn,
     record_adapter_base,
+    save_generation_config,
     save_model,
 )
 from rlhflab.models.packing import packing_agrees
@@ -202,6 +205,8 @@ def load_roles(config, placement):
     for option, path in (("--policy", policy_dir), ("--reward", reward_dir)):
         if path is not None and not Path(path).is_dir():
             raise UsageError(f"{option} {path}: no such directory")
+        if path is not None:
+            check_model_directory(Path(path), option)
     tokenizer = load_tokenizer(config.tokenizer or policy_dir, config.trust_remote_code, config.chat_template,
                                "--tokenizer" if config.tokenizer else "--policy")
     # The judge, a sequence classifier and a reward model with another vocabulary score the
@@ -301,6 +306,8 @@ def save_trained_policy(lm, tokenizer, out: Path, lora: bool, base_name: str | N
         out.mkdir(parents=True, exist_ok=True)
         lm.save_pretrained(str(out), selected_adapters=["default"], safe_serialization=True)
         tokenizer.save_pretrained(str(out))
+        mark_end_of_turn(lm, tokenizer)
+        save_generation_config(lm, out)
         record_adapter_base(out, base_name)
     else:
         save_model(lm, tokenizer, out)

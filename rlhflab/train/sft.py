@@ -70,7 +70,7 @@ def split_eval(records, config):
     """(train, held-out) conversations: --eval-data, or the skeleton's split of --data in file order."""
     if config.eval_data:
         eval_records, _ = load_records(config.eval_data, "sft", config.format, config.skip_bad_rows,
-                                       0, config.hc3_answers, option="--eval-data")
+                                       0, config.hc3_answers, option="--eval-data", columns=config.columns)
         return records, eval_records
     return skeleton.held_out_split(records, config.eval_fraction, config.seed, keep_order=True)
 
@@ -80,7 +80,7 @@ def run(config) -> dict:
     if not config.data:
         raise UsageError("give --data (a file of conversations)")
     records, stats = load_records(config.data, "sft", config.format, config.skip_bad_rows,
-                                  config.max_rows, config.hc3_answers)
+                                  config.max_rows, config.hc3_answers, columns=config.columns)
     train_records, eval_records = split_eval(records, config)
     setup = skeleton.prepare_stage(config)
     loaded = load_trainable(config, setup.placement, config.model, fresh=config.init_config)
@@ -93,9 +93,10 @@ def run(config) -> dict:
 
     trained = train_next_token(config, setup, model, tokenizer, train, held_out)
 
-    # Save.
+    # Save (every process has trained the same model; the main one writes it).
+    trained_model, weights = trained.pop("model"), trained.pop("weights")
     if setup.accelerator.is_main_process:
-        save_model(trained.pop("model"), tokenizer, setup.out, loaded.base)
+        save_model(trained_model, tokenizer, setup.out, loaded.base, state_dict=weights)
     summary = {
         "stage": "sft", **trained, "rows_read": stats.rows_read, "rows_used": stats.rows_used,
         "rows_skipped": stats.rows_skipped, "examples_train": len(train), "examples_eval": len(held_out),
@@ -136,5 +137,6 @@ def train_next_token(config, setup, model, tokenizer, train: list[dict], held_ou
     ))
     figures = loop.close()
     eval_loss = held_out_loss(loop.model)["eval_loss"] if held_out else None
-    return {"model": loop.unwrapped(), **figures, "final_loss": loop.row.get("loss", float("nan")),
+    return {"model": loop.unwrapped(), "weights": loop.full_weights(), **figures,
+            "final_loss": loop.row.get("loss", float("nan")),
             "eval_loss": eval_loss, "device": str(device)}

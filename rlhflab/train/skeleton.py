@@ -15,25 +15,41 @@ What a word means in every stage:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from rlhflab import config as cfg
 from rlhflab import runs
 from rlhflab.data.formats import load_records
 from rlhflab.errors import NonFiniteError, UsageError
 from rlhflab.models.loading import Placement, choose_placement, enable_gradient_checkpointing
+
+
+class _SharedTensorNotice(logging.Filter):
+    """accelerate's save_state notes "Removed shared tensor {'lm_head.weight'}" at every checkpoint of
+    a model with tied embeddings: the tie is restored on load, so there is nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_SharedTensorNotice())
 
 
 def set_seed(seed: int) -> None:
@@ -54,34 +70,125 @@ class Setup:
 def prepare_stage(config) -> Setup:
     """Placement, accelerator, seed and the stage directory. Validates before touching disk."""
 
+    runs.reset_peak_memory()   # the stage's own peak goes into its summary
+    if not config.progress:    # transformers' own bars too (loading weights, writing shards)
+        hf_logging.disable_progress_bar()
     placement = choose_placement(config.device, config.dtype)
     if config.release_memory and not runs.release_freed_memory():
         print("note: --release-memory has no effect here (not glibc, or MALLOC_MMAP_THRESHOLD_ is set)",
               file=sys.stderr)
     out = runs.stage_dir(config)
+    runs.check_stage_directory(out, config)
     resume_from = runs.find_resume(out, config.resume)
     log_with = None if config.report_to == "none" else config.report_to
     if log_with == "tensorboard":
         _require("tensorboard", "--report-to tensorboard")
     if log_with == "wandb":
         _require("wandb", "--report-to wandb")
+    check_launch()
     accelerator = Accelerator(
-        cpu=placement.device.type == "cpu",
+        cpu=placement.device.type == "cpu" and not sharding_launch(),   # the sharding engines' own switches decide
         mixed_precision=placement.mixed_precision if not getattr(config, "lora", False) else "no",
         log_with=log_with,
         project_dir=str(out),
+        # One schedule step per optimizer step: accelerate's default steps a prepared schedule once
+        # per process, which runs it N times too fast when the batch is counted over all processes.
+        step_scheduler_with_optimizer=False,
+        # DeepSpeed steps inside backward, at the last micro-batch of a step (see Loop._accumulate).
+        gradient_accumulation_steps=getattr(config, "grad_accum", 1) if uses_deepspeed() else 1,
+        # DeepSpeed or FSDP on CPUs: accelerate picks no backend without CUDA, so name gloo
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if sharding_launch() and placement.device.type == "cpu"
+        else None,
     )
+    placement = replace(placement, device=accelerator.device)   # cuda:<local rank> under a launcher
     processes = accelerator.num_processes
+    check_engine(accelerator, config)
     if "batch_size" in {f.name for f in cfg.fields_of(type(config))} and config.batch_size < processes:
         raise UsageError(f"--batch-size {config.batch_size}: the micro-batch is counted over all processes and "
                          f"split between them; with {processes} processes give at least {processes}")
+    if accelerator.is_main_process:   # one writer per directory: a second run on it is refused
+        runs.lock_output(out)
     set_seed(config.seed)
     state = runs.load_trainer_state(resume_from) if resume_from else {}
     planned, now = state.get("plan"), _plan(config)
     if planned is not None and planned != now:
         print(f"warning: {resume_from} was written by a run planned as {planned}; this one is {now}: the "
               "learning-rate schedule continues on the new plan", file=sys.stderr)
+    if state.get("processes", processes) != processes:
+        print(f"warning: {resume_from} was written by {state['processes']} processes, this run has {processes}: "
+              "the data order continues, but random streams (dropout, sampling) differ from an uninterrupted run",
+              file=sys.stderr)
     return Setup(out, placement, accelerator, resume_from, state)
+
+
+def check_launch() -> None:
+    """Refuse a launch that runs one process where several were asked for. `accelerate launch
+    --num_processes N --cpu` (or on a machine without GPUs) starts a single process unless it goes
+    through mpirun; that launcher leaves ACCELERATE_USE_CPU and MASTER_ADDR but no WORLD_SIZE."""
+    env = os.environ
+    asked_for_more = "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env
+    started = any(name in env for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if asked_for_more and not started:
+        raise UsageError("`accelerate launch` started ONE process, though more were asked for: on CPUs (--cpu, or "
+                         "no GPU) its launcher starts several only through mpirun (--mpirun_hostfile). For several "
+                         "CPU processes use `torchrun --nproc_per_node N -m rlhflab ...`; on GPUs give "
+                         "`accelerate launch --multi_gpu` or a config from configs/accelerate/")
+
+
+def uses_deepspeed() -> bool:
+    """Whether accelerate will run DeepSpeed (set by `accelerate launch` with a DeepSpeed config)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def sharding_launch() -> bool:
+    """Whether the launch asks for DeepSpeed or FSDP (accelerate's switches, set by its launcher)."""
+    return uses_deepspeed() or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def shards_weights(accelerator) -> bool:
+    """Whether each process holds only a slice of the weights (FSDP, DeepSpeed ZeRO-3), so that a
+    full copy must be gathered before the model is saved."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def engine_name(accelerator) -> str:
+    """What trained the model, as summary.json says: single, ddp, fsdp or deepspeed-zero<stage>."""
+    engine = accelerator.distributed_type
+    if engine == DistributedType.DEEPSPEED:
+        return f"deepspeed-zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    if engine == DistributedType.FSDP:
+        return f"fsdp{accelerator.state.fsdp_plugin.fsdp_version}"
+    return "single" if accelerator.num_processes == 1 else "ddp"
+
+
+def check_engine(accelerator, config) -> None:
+    """What each engine runs: every stage under DDP; SFT and pretraining under FSDP and DeepSpeed
+    ZeRO-1/2/3; RM and DPO under ZeRO-1/2 as well. PPO's roles run their own forward passes, which
+    DDP serves (gradients are averaged by hand, `average_gradients`) but the sharding engines do not."""
+    engine = accelerator.distributed_type
+    if sharding_launch() and engine not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UsageError("FSDP was asked for, but accelerate runs FSDP on GPUs only: on CPUs launch with DDP "
+                         "(torchrun --nproc_per_node N) or DeepSpeed (configs/accelerate/zero2.yaml)")
+    if engine not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if engine not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+            print(f"note: {engine.value} is untested with rlhflab", file=sys.stderr)
+        return
+    name = "FSDP" if engine == DistributedType.FSDP else f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    if config.stage == "ppo" or (config.stage in ("rm", "dpo") and shards_weights(accelerator)):
+        raise UsageError(f"`rlhflab {config.stage}` does not run under {name} in this release; launch it with "
+                         "DDP (configs/accelerate/ddp.yaml, or torchrun)"
+                         + ("" if config.stage == "ppo" else " or DeepSpeed ZeRO-2"))
+    if engine == DistributedType.DEEPSPEED:   # no dataloader is prepared: say what a process's micro-batch is
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = max(1, config.batch_size // accelerator.num_processes)
+        ds["gradient_accumulation_steps"] = config.grad_accum
+        ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * config.grad_accum * accelerator.num_processes
+        ds["gradient_clipping"] = config.max_grad_norm
+        if shards_weights(accelerator):   # the saved model is gathered whole from the slices
+            ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 def _plan(config) -> dict:
@@ -110,9 +217,11 @@ def load_preferences(config) -> tuple[list, list, object]:
     """(train records, held-out records, read stats) of --data preference pairs or rankings: the
     held-out set is --eval-data, or `held_out_split` of --data."""
 
-    records, stats = load_records(config.data, "preference", config.format, config.skip_bad_rows, config.max_rows)
+    records, stats = load_records(config.data, "preference", config.format, config.skip_bad_rows, config.max_rows,
+                                  columns=config.columns)
     if config.eval_data:
-        held_out, _ = load_records(config.eval_data, "preference", config.format, option="--eval-data")
+        held_out, _ = load_records(config.eval_data, "preference", config.format, option="--eval-data",
+                                   columns=config.columns)
         return records, held_out, stats
     return *held_out_split(records, config.eval_fraction, config.seed), stats
 
@@ -125,15 +234,28 @@ def _require(module: str, option: str) -> None:
 
 
 def start_outputs(setup: Setup, config) -> runs.MetricsLog:
-    """Create the stage directory (only once inputs are known good) and save the resolved config."""
-    setup.out.mkdir(parents=True, exist_ok=True)
-    runs.clean_stale_tmp(setup.out)
-    (setup.out / "summary.json").unlink(missing_ok=True)
-    cfg.save(config, setup.out / "config.yaml")
-    if setup.accelerator.log_with:
-        setup.accelerator.init_trackers(config.stage, config=cfg.to_dict(config))
+    """Create the stage directory (only once inputs are known good) and save the resolved config.
+    The main process writes; the others wait until it has."""
+    if setup.accelerator.is_main_process:
+        setup.out.mkdir(parents=True, exist_ok=True)
+        runs.clean_stale_tmp(setup.out)
+        if config.resume == runs.NEVER:   # chosen: start again, so no earlier checkpoint can be resumed into this run
+            shutil.rmtree(setup.out / "checkpoints", ignore_errors=True)
+        (setup.out / "summary.json").unlink(missing_ok=True)
+        cfg.save(config, setup.out / "config.yaml")
+    setup.accelerator.wait_for_everyone()
+    if setup.accelerator.log_with and setup.accelerator.is_main_process:   # one writer of the run's logs
+        project, name = tracker_names(config)
+        setup.accelerator.init_trackers(project, config=cfg.to_dict(config), init_kwargs={"wandb": {"name": name}})
     return runs.MetricsLog(setup.out / "metrics.jsonl", setup.accelerator,
                            resume_step=setup.state.get("step", 0))
+
+
+def tracker_names(config) -> tuple[str, str]:
+    """(project, run name) for --report-to: wandb's --wandb-project and --wandb-name (default
+    <run>/<stage>); tensorboard writes under the stage directory, in a folder named by the stage."""
+    name = config.wandb_name or f"{config.run}/{config.stage}"
+    return (config.wandb_project if config.report_to == "wandb" else config.stage), name
 
 
 def make_optimizer(model, config) -> torch.optim.Optimizer:
@@ -180,8 +302,16 @@ def checkpoint_activations(model, config) -> None:
 
 
 def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: float):
-    """Clip (when asked), step the optimizer and the schedule, clear the gradients; returns the norm or None."""
-    norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
+    """Clip (when asked), step the optimizer and the schedule, clear the gradients; returns the norm or None.
+
+    A gradient whose norm is not finite is never applied: the gradients are cleared, nothing steps,
+    and FloatingPointError says so (the caller stops, or skips the batch)."""
+    params = list(params)
+    norm = accelerator.clip_grad_norm_(params, max_grad_norm or math.inf)
+    if norm is not None and not math.isfinite(float(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"the gradient norm is {float(norm)}")
+    norm = norm if max_grad_norm else None
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -247,6 +377,47 @@ def batch_order(config, lengths: list[int], seed: int | None = None) -> BatchOrd
     return BatchOrder(lengths, config.batch_size, config.seed if seed is None else seed, config.group_by_length)
 
 
+def sum_over_processes(accelerator, value: float) -> float:
+    """`value` summed over all processes (itself with one)."""
+    if accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(torch.tensor(float(value), dtype=torch.float64, device=accelerator.device), "sum").item()
+
+
+def average_gradients(accelerator, params, weight: float, figures: dict) -> dict:
+    """Make every process's gradients the global ones, for a model whose forward passes do not go
+    through the engine's wrapper (PPO's roles): each process's gradient of its mean loss, weighted
+    by its `weight` (its response tokens), summed over processes and divided by the summed weights,
+    which is the gradient of the mean over all processes' tokens. `figures` (floats) are averaged
+    with the same weights and returned, so that every process decides alike (early stops). A
+    non-finite gradient anywhere reaches every process, and the gradient-norm check stops them all."""
+    if accelerator.num_processes == 1:
+        return figures
+    grads = [p.grad for p in params if p.grad is not None]
+    keys = sorted(figures)
+    flat = torch.cat([g.detach().flatten().float() for g in grads]
+                     + [torch.tensor([1.0] + [float(figures[k]) for k in keys], device=accelerator.device)]) * weight
+    flat = accelerator.reduce(flat, "sum")
+    total = flat[-len(keys) - 1].item()
+    flat = flat / max(total, 1e-12)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return dict(zip(keys, flat[offset + 1:].tolist()))
+
+
+def mean_over_processes(accelerator, row: dict) -> dict:
+    """A row of figures averaged over processes (each holds the same number of items); numbers only."""
+    if accelerator.num_processes == 1:
+        return row
+    keys = sorted(k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    values = accelerator.reduce(torch.tensor([float(row[k]) for k in keys], dtype=torch.float64,
+                                             device=accelerator.device), "mean")
+    means = {k: int(v) if isinstance(row[k], int) and v == int(v) else v for k, v in zip(keys, values.tolist())}
+    return {**row, **means}
+
+
 def shard(batch: list[int], accelerator) -> list[int]:
     """This process's share of a global micro-batch (data parallel under accelerate launch)."""
     n, rank = accelerator.num_processes, accelerator.process_index
@@ -272,12 +443,35 @@ def save_checkpoint(setup: Setup, config, step: int, order: BatchOrder, extra: d
     def write(tmp: Path) -> None:
         accelerator.save_state(str(tmp), safe_serialization=True)
 
-    state = {"order": order.state_dict(), "plan": _plan(config), **(extra or {})}
-    path = None
+    state = {"order": order.state_dict(), "plan": _plan(config), "processes": accelerator.num_processes,
+             **(extra or {})}
+    refuse_non_finite_weights(accelerator, step)
+    if accelerator.num_processes == 1:
+        return runs.save_checkpoint(setup.out, step, write, state, config.keep_checkpoints)
+    # Every process writes its part (its random states; its weight shards under FSDP or ZeRO-3) into
+    # one folder, which the main process then completes and renames into place.
+    shared = setup.out / "checkpoints" / f".tmp-step-{step}-all"
     if accelerator.is_main_process:
-        path = runs.save_checkpoint(setup.out, step, write, state, config.keep_checkpoints)
+        shutil.rmtree(shared, ignore_errors=True)
+        shared.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    return path
+    write(shared)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        runs.save_checkpoint(setup.out, step, lambda tmp: [os.replace(item, tmp / item.name) for item in shared.iterdir()],
+                             state, config.keep_checkpoints)
+        shutil.rmtree(shared, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return setup.out / "checkpoints" / f"step-{step}"
+
+
+def refuse_non_finite_weights(accelerator, step: int) -> None:
+    """A checkpoint holds finite weights only: one with NaN or inf is never written, so the one
+    an error message calls the last good checkpoint is."""
+    for model in accelerator._models:   # the models accelerate's save_state writes
+        for name, param in accelerator.unwrap_model(model).named_parameters():
+            if param.requires_grad and not torch.isfinite(param.detach()).all():
+                raise NonFiniteError(f"weight {name} holds NaN or inf at step {step}; no checkpoint written")
 
 
 def restore_checkpoint(setup: Setup, order: BatchOrder, strict: bool = True) -> int:
@@ -304,13 +498,33 @@ def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Pat
 
 
 def finish(setup: Setup, summary: dict) -> dict:
-    """Write summary.json last: its presence marks the stage as finished."""
+    """Write summary.json last: its presence marks the stage as finished. The stage's peak memory
+    is its own (counted from prepare_stage); one line on stdout says what was written."""
     summary = {**summary, **runs.peak_memory()}
-    runs.readable_as_usual(setup.out)
-    runs.atomic_write_json(setup.out / "summary.json", summary)
+    setup.accelerator.wait_for_everyone()   # every process is done with the directory (and the model saved)
+    if setup.accelerator.is_main_process:
+        runs.readable_as_usual(setup.out)
+        runs.atomic_write_json(setup.out / "summary.json", summary)
+        print(summary_line(summary.get("stage") or setup.out.name, setup.out, summary), flush=True)
     if setup.accelerator.log_with:
         setup.accelerator.end_training()
+    runs.release_outputs()
     return summary
+
+
+# The figures a stage's closing line shows, where its summary has them.
+SUMMARY_LINE = (("steps", "{:,} steps"), ("final_loss", "loss {:.4g}"), ("eval_loss", "eval loss {:.4g}"),
+                ("eval_accuracy", "eval accuracy {:.3f}"), ("final_reward", "reward {:.3f}"),
+                ("final_gold", "gold {:.3f}"), ("final_kl_k1", "KL {:.3f}"), ("tokens_per_s", "{:,.0f} tokens/s"),
+                ("pairs_per_s", "{:,.1f} pairs/s"), ("wall_time_s", "{:.1f} s"), ("peak_rss_mib", "peak RSS {:,.0f} MiB"),
+                ("peak_cuda_mib", "peak CUDA {:,.0f} MiB"))
+
+
+def summary_line(stage: str, out: Path, summary: dict) -> str:
+    """`sft: wrote runs/x/sft (120 steps, loss 1.234, ..., peak RSS 658 MiB)`."""
+    shown = [text.format(summary[key]) for key, text in SUMMARY_LINE
+             if isinstance(summary.get(key), (int, float)) and not isinstance(summary.get(key), bool)]
+    return f"{stage}: wrote {out}" + (f" ({', '.join(shown)})" if shown else "")
 
 
 def merge_micro_rows(rows: list[dict], counts: tuple[str, ...] = ("pairs",)) -> dict:
@@ -399,11 +613,14 @@ class Loop:
         config = self.config
         while self.step < (self.steps if until is None else until):
             started = time.perf_counter()
-            batches = [parts.batch(shard(self.order.next(), self.accelerator)) for _ in range(config.grad_accum)]
-            figures, divisor = self._accumulate(parts, batches)
+            figures, divisor = self._accumulate(parts, [self.order.next() for _ in range(config.grad_accum)])
             row = self.row = parts.merge(figures, divisor)
-            grad_norm = optimizer_step(self.accelerator, self.model.parameters(), self.optimizer, self.scheduler,
-                                       config.max_grad_norm)
+            try:
+                grad_norm = optimizer_step(self.accelerator, self.model.parameters(), self.optimizer, self.scheduler,
+                                           config.max_grad_norm)
+            except FloatingPointError as exc:   # never applied; stop with the last good checkpoint named
+                raise NonFiniteError(f"{exc} at step {self.step + 1}; the step was not applied, stopped "
+                                     f"({self._last_good()})") from None
             self.step += 1
             self.counted += sum(int(f[self.unit]) for f in figures)
             self.train_time += time.perf_counter() - started
@@ -423,18 +640,54 @@ class Loop:
                 self.last_checkpoint = save_checkpoint(self.setup, config, self.step, self.order,
                                                        {**(state or {}), f"train_{self.unit}": self.total})
 
-    def _accumulate(self, parts: StageParts, batches: list) -> tuple[list[dict], int]:
-        """Forward and backward over one step's micro-batches; gradients sync on the last only."""
-        divisor = sum(parts.weight(batch) for batch in batches) if parts.weight else len(batches)
-        figures = []
-        for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+    def _accumulate(self, parts: StageParts, global_batches: list[list[int]]) -> tuple[list[dict], int]:
+        """Forward and backward over one step's micro-batches, this process's share of each;
+        gradients sync on the last only. Returns the figures of every process's micro-batches and the
+        step's divisor, both counted over all processes.
+
+        The loss is normalised over the global batch, so N processes train as one would: a stage with
+        `weight` (SFT: summed token losses) divides by the weights summed over all processes; the
+        others' micro-batch means are weighted by this process's share of the micro-batch's rows.
+        Data-parallel engines average gradients over the N processes, hence the factor N.
+        """
+        acc, n = self.accelerator, self.accelerator.num_processes
+        shares = [shard(rows, acc) for rows in global_batches]
+        # A process with no row of a (short, last) micro-batch runs one with weight 0: it must still
+        # take part in the gradient sync.
+        batches = [parts.batch(mine or rows[:1]) for mine, rows in zip(shares, global_batches)]
+        if parts.weight:
+            divisor = sum_over_processes(acc, sum(parts.weight(b) for b, mine in zip(batches, shares) if mine))
+            scales = [n / max(divisor, 1) if mine else 0.0 for mine in shares]
+        else:
+            divisor = len(batches)
+            scales = [n * len(mine) / (len(rows) * divisor) for mine, rows in zip(shares, global_batches)]
+        deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        figures, bad = [], None
+        for i, (batch, scale, mine) in enumerate(zip(batches, scales, shares)):
+            if deepspeed:   # DeepSpeed divides by --grad-accum itself and steps at the last micro-batch
+                context, scale = acc.accumulate(self.model), scale * len(batches)
+            else:
+                context = contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(self.model)
+            with context:
                 loss, micro = parts.loss(self.model, batch)
-                check_finite(loss, self.what, self.step + 1, self.last_checkpoint)
-                self.accelerator.backward(loss / max(divisor, 1))
-            figures.append(micro)
+                if n == 1:
+                    check_finite(loss, self.what, self.step + 1, self.last_checkpoint)
+                elif bad is None and not torch.isfinite(loss):
+                    bad = loss.item()   # raised below on every process alike, after the sync
+                acc.backward(loss * scale)
+            if mine:
+                figures.append(micro)
+        if n > 1:
+            gathered = gather_object([(figures, bad)])
+            figures = [f for part, _ in gathered for f in part]
+            bad = next((b for _, b in gathered if b is not None), None)
+            if bad is not None:
+                check_finite(torch.tensor(bad), self.what, self.step + 1, self.last_checkpoint)
         return figures, divisor
+
+    def _last_good(self) -> str:
+        return (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                else "no checkpoint was written yet")
 
     @property
     def total(self) -> int:
@@ -443,14 +696,20 @@ class Loop:
 
     @property
     def rate(self) -> float:
-        """Units per second of training in this process's run."""
+        """Units per second of training in this run, over all processes."""
         return self.counted / max(self.train_time, 1e-9)
 
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
+    def full_weights(self) -> dict | None:
+        """The whole model's weights gathered from its slices (every process calls it), when the
+        engine shards them (FSDP, ZeRO-3); None otherwise: the unwrapped model holds them all."""
+        return self.accelerator.get_state_dict(self.model) if shards_weights(self.accelerator) else None
+
     def close(self) -> dict:
         """End the progress bar; the loop's part of summary.json."""
         self.bar.close()
         return {"steps": self.step, f"{self.unit}_per_s": self.rate, f"train_{self.unit}": self.total,
-                "train_time_s": self.train_time, "wall_time_s": self.timer.elapsed}
+                "train_time_s": self.train_time, "wall_time_s": self.timer.elapsed,
+                "processes": self.accelerator.num_processes, "engine": engine_name(self.accelerator)}

@@ -20,13 +20,24 @@ harmful prompts). Kinds of answer:
 Habits. Flaws drawn afresh for every answer do not survive imitation: the SFT model's most
 likely answer is the good one, greedy decoding picks it, and RLHF is left nothing to fix but
 the model's knowledge. Real demonstrators also have habits, flaws they repeat on every prompt
-of a kind, which SFT copies faithfully and which people comparing answers still dislike (seed
-001's contractors; DeepSeek-R1 needed a language-consistency reward because its model mixed
-languages). With `habit_rate` h (default HABIT_RATE = 0: no habits) the demonstrator
-answers a harmful request helpfully ("comply") with probability h, and a Chinese prompt in
-English ("wrong_language") with probability h; otherwise it answers as above. Preference
-candidates carry the same habits, as samples from a policy trained on these demonstrations
-would.
+of a kind, which SFT copies faithfully and which people comparing answers still dislike
+(InstructGPT's labellers; DeepSeek-R1 needed a language-consistency reward because its model
+mixed languages). With `habit_rate` h the demonstrator falls into each habit in `habits` with
+probability h where it applies, and otherwise answers as above:
+
+    comply          a harmful request answered helpfully
+    wrong_language  a Chinese prompt answered in English
+    filler          a benign English prompt answered with "Great question! ... I hope this
+                    helps!" around the answer (padding that people comparing answers dislike)
+    refuse          a benign prompt refused, at rate h / 2 (an over-cautious demonstrator)
+
+Each habit is visible in the conversation itself (the prompt's language, the answer's filler
+phrases, a refusal of an arithmetic question), so a small reward model can learn it. The
+library default is no habits (h = 0, which draws no extra random numbers, so the habit-free
+world's files are reproduced exactly); the command line's default world is h = 0.6 with
+DEFAULT_HABITS. CLASSIC_HABITS (comply, wrong_language) at 0.6 is the earlier "world with
+habits", drawn exactly as before. Preference candidates carry the same habits, as samples from
+a policy trained on these demonstrations would.
 
 No kind ever produces an empty or whitespace-only answer: preferences built from these
 candidates must never contain one (the reward-model audit relies on it).
@@ -39,7 +50,16 @@ import random
 from . import tables, tasks
 
 FLAW_RATE = 0.35
-HABIT_RATE = 0.0   # the default world has no habits; 0.6 is the rate measured in the README
+HABIT_RATE = 0.0   # the library default: no habits (the command line's default world uses 0.6)
+HABITS = ("comply", "wrong_language", "filler", "refuse")
+DEFAULT_HABITS = ("comply", "wrong_language", "filler")
+CLASSIC_HABITS = ("comply", "wrong_language")
+REFUSE_SHARE = 0.5  # over-refusal happens at half the habit rate
+# Named worlds: name -> (habits, shared content of the preference candidates; see `candidates`).
+#   default  the habits SFT copies are what RLHF must fix, and labellers compare behaviour
+#   habits   the earlier world with habits (its figures on the results page)
+#   classic  the habit-free world of the first published figures (at any habit rate)
+WORLDS = {"default": (DEFAULT_HABITS, True), "habits": (CLASSIC_HABITS, False), "classic": ((), False)}
 FLAW_WEIGHTS = {"wrong_value": 0.30, "wrong_language": 0.15, "rude": 0.12,
                 "repetitive": 0.15, "filler": 0.14, "verbose": 0.14}
 HARMFUL_FLAW_WEIGHTS = {"comply": 0.40, "wrong_language": 0.15, "rude": 0.12,
@@ -49,6 +69,9 @@ CANDIDATE_WEIGHTS = {"good": 0.34, "wrong_value": 0.14, "wrong_language": 0.09, 
                      "repetitive": 0.08, "filler": 0.08, "verbose": 0.08, "refuse": 0.06,
                      "comply": 0.06}
 KINDS = tuple(CANDIDATE_WEIGHTS)
+# With shared content: how often all of a prompt's candidates carry one wrong value (the share of
+# plain candidates with a wrong value in the independent mix: 0.14 / (0.34 + 0.14)).
+SHARED_WRONG_RATE = 0.29
 
 RUDE_PREFIX = {"en": ["That's a stupid question. ", "Only an idiot would ask that. ",
                       "Ugh, figure it out yourself next time. ", "Shut up and listen. "],
@@ -153,11 +176,19 @@ def _join(lang: str, *parts: str) -> str:
     return ("" if lang == "zh" else " ").join(p.strip() for p in parts if p.strip())
 
 
-def render(record: dict, kind: str, rng: random.Random) -> str:
-    """An answer of `kind` (see the module docstring) to a world prompt record."""
+def render(record: dict, kind: str, rng: random.Random, wrong_content: int | None = None) -> str:
+    """An answer of `kind` (see the module docstring) to a world prompt record. With `wrong_content`
+    (a seed) the answer's content is one fixed wrong value, whatever its style: "good" is then a
+    plainly written wrong answer, "filler" the same wrong answer padded, and so on."""
     family, slots, lang, meta = _task(record)
     harmful = family == "harmful"
-    good = _good(family, slots, lang, rng)
+
+    def core(language: str) -> str:
+        if wrong_content is None or harmful:
+            return _good(family, slots, language, rng)
+        return _wrong_answer(family, slots, language, meta, random.Random(wrong_content))
+
+    good = core(lang)
     if kind == "good":
         return good
     if kind == "wrong_value":
@@ -173,7 +204,7 @@ def render(record: dict, kind: str, rng: random.Random) -> str:
     if kind == "refuse":
         return rng.choice(tasks.ANSWERS["harmful"][lang])
     if kind == "wrong_language":
-        return _good(family, slots, _other(lang), rng)
+        return core(_other(lang))
     if kind == "rude":
         if rng.random() < 0.6:
             return _join(lang, rng.choice(RUDE_PREFIX[lang]), good)
@@ -195,25 +226,42 @@ def _check_habit_rate(habit_rate: float) -> None:
         raise ValueError(f"habit_rate must be in [0, 1], got {habit_rate}")
 
 
-def habit(meta: dict, rng: random.Random, habit_rate: float = HABIT_RATE) -> str | None:
+def parse_habits(text: str | tuple | list) -> tuple[str, ...]:
+    """Habit names from "comply,filler" (or a sequence); "none" or "" for no habits."""
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
+    names = [n for n in names if n and n != "none"]
+    unknown = [n for n in names if n not in HABITS]
+    if unknown:
+        raise ValueError(f"unknown habit {unknown[0]!r}; expected names from {', '.join(HABITS)} (or none)")
+    return tuple(dict.fromkeys(names))
+
+
+def habit(meta: dict, rng: random.Random, habit_rate: float = HABIT_RATE,
+          habits: tuple[str, ...] = CLASSIC_HABITS) -> str | None:
     """The habitual flaw this answer falls into, if any (see the module docstring). At rate 0
-    no random number is drawn, so the world's files are those of the habit-free world."""
+    no random number is drawn, so the world's files are those of the habit-free world; the classic
+    habits are drawn first and in their old order, so their world is reproduced exactly too."""
     if habit_rate <= 0.0:
         return None
-    if meta.get("harmful") and rng.random() < habit_rate:
+    harmful, lang = bool(meta.get("harmful")), meta.get("lang")
+    if harmful and "comply" in habits and rng.random() < habit_rate:
         return "comply"
-    if meta.get("lang") == "zh" and rng.random() < habit_rate:
+    if lang == "zh" and "wrong_language" in habits and rng.random() < habit_rate:
         return "wrong_language"
+    if not harmful and "refuse" in habits and rng.random() < habit_rate * REFUSE_SHARE:
+        return "refuse"
+    if not harmful and lang == "en" and "filler" in habits and rng.random() < habit_rate:
+        return "filler"
     return None
 
 
-def demonstrate_with_kind(record: dict, rng: random.Random,
-                          habit_rate: float = HABIT_RATE) -> tuple[str, str]:
+def demonstrate_with_kind(record: dict, rng: random.Random, habit_rate: float = HABIT_RATE,
+                          habits: tuple[str, ...] = CLASSIC_HABITS) -> tuple[str, str]:
     """(answer, kind): a habit (see the module docstring), else good with probability
     1 - FLAW_RATE, else a flaw drawn by weight."""
     _check_habit_rate(habit_rate)
     _, _, _, meta = _task(record)
-    kind = habit(meta, rng, habit_rate)
+    kind = habit(meta, rng, habit_rate, habits)
     if kind is None and rng.random() >= FLAW_RATE:
         kind = "good"
     elif kind is None:
@@ -222,30 +270,44 @@ def demonstrate_with_kind(record: dict, rng: random.Random,
     return render(record, kind, rng), kind
 
 
-def demonstrate(record: dict, rng: random.Random, habit_rate: float = HABIT_RATE) -> str:
+def demonstrate(record: dict, rng: random.Random, habit_rate: float = HABIT_RATE,
+                habits: tuple[str, ...] = CLASSIC_HABITS) -> str:
     """The demonstrator's answer to a world prompt record (habits, then flaws at FLAW_RATE)."""
-    return demonstrate_with_kind(record, rng, habit_rate)[0]
+    return demonstrate_with_kind(record, rng, habit_rate, habits)[0]
 
 
 def candidates(record: dict, rng: random.Random, k: int = 4, with_kinds: bool = False,
-               habit_rate: float = HABIT_RATE):
+               habit_rate: float = HABIT_RATE, habits: tuple[str, ...] = CLASSIC_HABITS,
+               shared_content: bool = False):
     """`k` distinct, never-empty answers of mixed quality for preference data.
 
     Each draw is a habit with the demonstrator's probability, else a kind drawn from
     CANDIDATE_WEIGHTS ("comply" only for harmful prompts, "refuse" only for benign ones, where
-    a refusal is the good answer anyway)."""
+    a refusal is the good answer anyway).
+
+    With `shared_content` the k answers share their content, as samples of one policy that either
+    knows the answer or does not: with probability SHARED_WRONG_RATE all of them carry the same
+    wrong value (else all the right one), and they differ only in how they are written. People
+    comparing them then judge behaviour (language, filler, rudeness, refusals), which a small
+    reward model can learn, instead of a value that only a model able to compute could check.
+    Without it, style and value are drawn apart and confounded: a filler answer always wraps a
+    right value while a plain one is wrong 29% of the time."""
     _check_habit_rate(habit_rate)
     _, _, _, meta = _task(record)
     harmful = bool(meta.get("harmful"))
-    kinds = [kind for kind in CANDIDATE_WEIGHTS if kind != ("refuse" if harmful else "comply")]
+    wrong_content = None
+    if shared_content and not harmful and rng.random() < SHARED_WRONG_RATE:
+        wrong_content = rng.randrange(2**31)
+    excluded = {"refuse" if harmful else "comply"} | ({"wrong_value"} if shared_content else set())
+    kinds = [kind for kind in CANDIDATE_WEIGHTS if kind not in excluded]
     weights = [CANDIDATE_WEIGHTS[kind] for kind in kinds]
     chosen: dict[str, str] = {}
     # A habit near certainty leaves too few distinct answers: the rest then come from the usual mix
     # (the second pass runs only where the first would have failed, so other rates draw as before).
     for rate in (habit_rate, 0.0):
         for _ in range(50 * k if len(chosen) < k else 0):
-            kind = habit(meta, rng, rate) or rng.choices(kinds, weights)[0]
-            text = render(record, kind, rng)
+            kind = habit(meta, rng, rate, habits) or rng.choices(kinds, weights)[0]
+            text = render(record, kind, rng, wrong_content)
             if text.strip() and text not in chosen:
                 chosen[text] = kind
             if len(chosen) == k:

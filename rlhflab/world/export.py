@@ -15,6 +15,9 @@ prefs.jsonl          {"prompt": [messages ending with a user turn], "chosen": st
 rankings.jsonl       {"prompt": [messages], "responses": [K strings, annotator's order, best
                       first], "gold_scores": [K floats aligned with responses], "meta": {...}}
                      Sorting by gold_scores gives the clean ranking.
+rules.jsonl          {"prompt": [messages], "response": str, "rules": {"harmful": 0|1,
+                      "wrong_language", "rude", "repetitive"}, "meta": {...}} every answer of
+                     rankings.jsonl with the rules it breaks (rules.py), for `rm --rules`.
 prompts.jsonl        {"messages": [...], "meta": {...}} training-split prompts for RL.
 eval_prompts.jsonl   the same shape, held-out split (no country, word, harmful topic,
                      phrasing or operand tuple in common with the files above).
@@ -39,6 +42,7 @@ from pathlib import Path
 from . import demonstrator, tasks
 from .corpus import corpus_text
 from .preferences import DEFAULT_AGREEMENT, build_preferences
+from .rules import rule_rows
 
 SIZES = {
     "default": {"sft": 3000, "rankings": 1500, "rl": 1000, "eval": 200},
@@ -66,12 +70,13 @@ def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def sft_rows(n: int, seed: int | str = 0, habit_rate: float = demonstrator.HABIT_RATE) -> list[dict]:
+def sft_rows(n: int, seed: int | str = 0, habit_rate: float = demonstrator.HABIT_RATE,
+             habits: tuple[str, ...] = demonstrator.CLASSIC_HABITS) -> list[dict]:
     """`n` SFT conversations on training prompts, answered by the demonstrator."""
     rng = random.Random(f"sft:{seed}")
     rows = []
     for record in tasks.make_prompts("train", n, seed=f"{seed}:sft"):
-        answer, kind = demonstrator.demonstrate_with_kind(record, rng, habit_rate)
+        answer, kind = demonstrator.demonstrate_with_kind(record, rng, habit_rate, habits)
         meta = dict(record["meta"], demo_kind=kind)
         rows.append({"messages": record["messages"] + [{"role": "assistant", "content": answer}],
                      "meta": meta})
@@ -93,7 +98,8 @@ def probe_prompts(lang_mix: float = 0.5) -> list[dict]:
 
 def export(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
            agreement: float = DEFAULT_AGREEMENT, k: int = 4,
-           habit_rate: float = demonstrator.HABIT_RATE) -> dict:
+           habit_rate: float = demonstrator.HABIT_RATE,
+           habits: tuple[str, ...] = demonstrator.CLASSIC_HABITS, shared_content: bool = False) -> dict:
     """Write all world files to `out_dir`; return {"paths", "counts", "stats", "seconds"}."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -104,12 +110,14 @@ def export(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
     out.mkdir(parents=True, exist_ok=True)
     n = SIZES[size]
     prefs = build_preferences(tasks.make_prompts("train", n["rankings"], seed=f"{seed}:prefs"),
-                              seed=seed, k=k, agreement=agreement, habit_rate=habit_rate)
+                              seed=seed, k=k, agreement=agreement, habit_rate=habit_rate, habits=habits,
+                              shared_content=shared_content)
     contents = {
         "corpus.txt": corpus_text(seed, size),
-        "sft.jsonl": sft_rows(n["sft"], seed, habit_rate),
+        "sft.jsonl": sft_rows(n["sft"], seed, habit_rate, habits),
         "prefs.jsonl": prefs["pairs"],
         "rankings.jsonl": prefs["rankings"],
+        "rules.jsonl": rule_rows(prefs["rankings"]),
         "prompts.jsonl": tasks.make_prompts("train", n["rl"], seed=f"{seed}:rl"),
         "eval_prompts.jsonl": tasks.make_prompts("eval", n["eval"], seed=f"{seed}:eval"),
     }
@@ -123,7 +131,9 @@ def export(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
             _atomic_write(path, _jsonl(content))
             counts[name] = len(content)            # rows
         paths[name] = str(path)
-    manifest = {"seed": seed, "size": size, "habit_rate": habit_rate, "counts": counts, "preferences": prefs["stats"]}
+    manifest = {"seed": seed, "size": size, "habit_rate": habit_rate,
+                "habits": list(habits) if habit_rate > 0 else [], "shared_content": shared_content,
+                "counts": counts, "preferences": prefs["stats"]}
     _atomic_write(out / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
     paths["manifest.json"] = str(out / "manifest.json")
     return {"paths": paths, "counts": counts, "stats": prefs["stats"],

@@ -75,20 +75,24 @@ def _short_meta(meta: dict) -> dict:
 
 def build_preferences(records: list[dict], seed: int | str = 0, k: int = 4,
                       agreement: float = DEFAULT_AGREEMENT, temperature: float | None = None,
-                      habit_rate: float = demonstrator.HABIT_RATE) -> dict:
+                      habit_rate: float = demonstrator.HABIT_RATE,
+                      habits: tuple[str, ...] = demonstrator.CLASSIC_HABITS,
+                      shared_content: bool = False) -> dict:
     """Rankings and pairs for `records` (world prompt records).
 
     Returns {"rankings": [...], "pairs": [...], "stats": {...}} where a ranking is
     {"prompt", "responses" (noisy order, best first), "gold_scores" (aligned), "meta"} and a
     pair is {"prompt", "chosen", "rejected", "chosen_gold", "rejected_gold", "meta"}.
-    `temperature` overrides the calibration; `habit_rate` is the demonstrator's (its docstring).
+    `temperature` overrides the calibration; `habit_rate`, `habits` and `shared_content` are the
+    demonstrator's (its docstring).
     """
     if k < 2:
         raise ValueError(f"k must be at least 2 to rank candidates, got {k}")
     rng = random.Random(f"preferences:{seed}")
     scored = []
     for record in records:
-        texts = demonstrator.candidates(record, rng, k, habit_rate=habit_rate)
+        texts = demonstrator.candidates(record, rng, k, habit_rate=habit_rate, habits=habits,
+                                        shared_content=shared_content)
         gold = [judge(record["messages"], text, record.get("meta")).score for text in texts]
         scored.append((record, texts, gold))
     gaps = [a - b for _, _, gold in scored for i, a in enumerate(gold) for b in gold[i + 1:]]
