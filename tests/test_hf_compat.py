@@ -77,11 +77,16 @@ def assert_classifier_scores_as_rlhflab(out: Path) -> None:
     assert json.loads((out / "reward_config.json").read_text())["sequence_classifier"] is True
 
 
-def test_a_full_reward_model_directory_is_a_working_sequence_classifier(tiny_model, tmp_path):
+def test_a_full_reward_model_directory_is_a_working_sequence_classifier(tiny_model, tmp_path, capfd):
     out = tmp_path / "rm"
     assert main(["rm", "--model", str(tiny_model("qwen2")), "--data", str(SAMPLES / "pairs.jsonl"), "--out", str(out),
                  "--max-steps", "3", "--lr", "5e-3", *QUIET]) == 0
     assert_classifier_scores_as_rlhflab(out)
+    # rlhflab reading it back says nothing about the classifier's head it does not use
+    capfd.readouterr()
+    load_reward_model(str(out), choose_placement("cpu", "fp32"))
+    printed = capfd.readouterr()
+    assert "UNEXPECTED" not in printed.err + printed.out
 
 
 def test_a_lora_reward_model_directory_refuses_to_load_as_a_sequence_classifier(sft_and_rm, tmp_path):

@@ -6,7 +6,9 @@ support is ~20x slower).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import sys
 from dataclasses import dataclass
@@ -166,6 +168,24 @@ def build_fresh(init_config: str, tokenizer, seed: int = 0):
         raise UsageError(f"--init-config {init_config}: cannot build a model from it ({type(exc).__name__}: {exc})") from None
 
 
+@contextlib.contextmanager
+def _head_kept_quiet(name: str):
+    """A full reward model's directory also holds its score head as `score.weight`, so that it loads
+    as a sequence classifier; its body loaded as a causal LM leaves that key unused, and transformers
+    prints a table calling it UNEXPECTED on every load. For such a directory that key is expected:
+    the table is kept back (missing or mismatched weights still raise below)."""
+    if not (Path(name) / "reward_config.json").is_file():
+        yield
+        return
+    report = logging.getLogger("transformers.modeling_utils")   # it logs the load report
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        report.setLevel(level)
+
+
 def load_causal_lm(name: str, placement: Placement, trust_remote_code: bool = False, train_full: bool = False,
                    option: str = "--model", quantize_4bit: bool = False):
     """A causal LM from a local directory or hub id. Adapter directories are merged into their base.
@@ -186,9 +206,10 @@ def load_causal_lm(name: str, placement: Placement, trust_remote_code: bool = Fa
             bnb_4bit_compute_dtype=placement.dtype),
             "device_map": {"": (placement.device.index or 0) if placement.device.type == "cuda" else "cpu"}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **extra
-        )
+        with _head_kept_quiet(name):
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **extra
+            )
     except (OSError, ValueError) as exc:
         raise UsageError(f"{option} {name}: cannot load the model: {exc}") from None
     except RuntimeError as exc:
