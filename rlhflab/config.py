@@ -398,6 +398,13 @@ def validate(config) -> None:
         check()
 
 
+def require(config, *names: str) -> None:
+    """For a command's check(): a UsageError naming the first of the options `names` left empty."""
+    for name in names:
+        if not getattr(config, name):
+            raise UsageError(f"give --{name.replace('_', '-')}")
+
+
 def to_dict(config) -> dict:
     return {f.name: getattr(config, f.name) for f in fields_of(type(config))}
 

@@ -84,19 +84,13 @@ def test_sft_in_two_processes_trains_as_one(tiny_model, sft_one, tmp_path):
     assert one["train_tokens"] == two["train_tokens"], "throughput counts both processes' tokens"
 
 
-def test_rm_in_two_processes_trains_as_one(tiny_model, tmp_path):
-    args = ["rm", "--model", tiny_model("llama"), "--data", SAMPLES / "pairs.jsonl", "--max-steps", 4,
-            "--batch-size", 4, "--lr", "3e-3", *SCHEDULE, *QUIET]
-    launch(1, *args, "--out", tmp_path / "one")
-    launch(2, *args, "--out", tmp_path / "two")
-    assert_same_run(tmp_path / "one", tmp_path / "two")
-
-
-def test_dpo_in_two_processes_trains_as_one(tiny_model, tmp_path):
-    # 5 pairs a micro-batch: 3 and 2 per process, so a plain mean of the two processes' means
-    # would not be the mean over the pairs.
-    args = ["dpo", "--policy", tiny_model("llama"), "--data", SAMPLES / "pairs.jsonl", "--max-steps", 4,
-            "--batch-size", 5, "--lr", "3e-3", *SCHEDULE, *QUIET]
+# dpo: 5 pairs a micro-batch, 3 and 2 per process, so a plain mean of the two processes' means
+# would not be the mean over the pairs.
+@pytest.mark.parametrize("stage,model_option,batch_size", [("rm", "--model", 4), ("dpo", "--policy", 5)],
+                         ids=["rm", "dpo"])
+def test_pair_stage_in_two_processes_trains_as_one(stage, model_option, batch_size, tiny_model, tmp_path):
+    args = [stage, model_option, tiny_model("llama"), "--data", SAMPLES / "pairs.jsonl", "--max-steps", 4,
+            "--batch-size", batch_size, "--lr", "3e-3", *SCHEDULE, *QUIET]
     launch(1, *args, "--out", tmp_path / "one")
     launch(2, *args, "--out", tmp_path / "two")
     assert_same_run(tmp_path / "one", tmp_path / "two")
@@ -196,7 +190,8 @@ FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POL
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_deepspeed_trains_sft_as_one_process_does(engine, tiny_model, sft_one, tmp_path):
     pytest.importorskip("deepspeed", reason="the test extra installs deepspeed (pip install -e '.[test]')")
-    launch(2, *sft_args(tiny_model), "--out", tmp_path / "two", env=ENGINES[engine])
+    result = launch(2, *sft_args(tiny_model), "--out", tmp_path / "two", env=ENGINES[engine])
+    assert "Setting accelerator to CPU" not in result.stderr, "the CPU backend is named, not guessed, without CUDA"
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["engine"] == engine and summary["processes"] == 2
     a, b = steps_of(sft_one), steps_of(tmp_path / "two")
@@ -215,7 +210,7 @@ from torch.distributed.fsdp import fully_shard
 from rlhflab.data.formats import load_records
 from rlhflab.models.loading import Placement, load_causal_lm, load_tokenizer
 from rlhflab.train.sft import collate, encode_dataset, nll_sum
-from rlhflab.train.skeleton import adamw
+from rlhflab.train.optim import adamw
 model_dir, data, out = sys.argv[1:4]
 sharded = "RANK" in os.environ
 if sharded:

@@ -11,7 +11,7 @@ from conftest import SAMPLES
 
 from rlhflab.cli.main import main
 from rlhflab.runs import read_metrics
-from rlhflab.train.rl import Alarm
+from rlhflab.train.alarms import Alarm
 
 
 def ppo(sft, rm, out, *extra) -> dict:

@@ -15,7 +15,7 @@ from rlhflab.cli.pipeline import find_pipeline, load_pipeline, pipeline_params
 from rlhflab.errors import UsageError
 from rlhflab.evals import report
 from rlhflab.evals.verdict import verdict
-from rlhflab.train.rl import Alarm
+from rlhflab.train.alarms import Alarm
 from rlhflab.world import judge
 
 

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlhflab.train.skeleton import batch_order, held_out_split, shard
+from rlhflab.train.distributed import shard
+from rlhflab.train.skeleton import batch_order, held_out_split
 
 
 @pytest.mark.parametrize("rows,fraction,held", [(1, 0.5, 0), (12, 0.0, 0), (12, 0.05, 1), (40, 0.05, 2), (40, 0.5, 20)])

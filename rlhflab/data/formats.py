@@ -189,6 +189,13 @@ def _string(row: dict, name: str, optional: bool = False) -> str:
     return value
 
 
+def is_message_list(value) -> bool:
+    """Whether `value` is a list (maybe empty) of {"role": str, "content": str} objects: the shape
+    that readers taking conversations as they are (without normalise's rules) accept."""
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
 def _messages(value, name: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise RowError(f"field {name!r} must be a non-empty list of messages")

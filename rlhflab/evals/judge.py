@@ -6,7 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from rlhflab.data.formats import load_prompts
+from rlhflab.data.formats import is_message_list, load_prompts
 from rlhflab.errors import UsageError
 from rlhflab.infer.engine import greedy_answers
 from rlhflab.models.loading import choose_placement, load_causal_lm, load_tokenizer
@@ -62,10 +62,7 @@ def read_responses(path: str) -> list[dict]:
             raise UsageError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(row, dict):
             raise UsageError(f"{where}: expected a JSON object with 'messages' and 'response'")
-        messages = row.get("messages")
-        if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
+        if not is_message_list(row.get("messages")):
             raise UsageError(f"{where}: field 'messages' must be a list of {{\"role\", \"content\"}} objects with "
                              "string values")
         if not isinstance(row.get("response"), str):

@@ -9,8 +9,6 @@ the top of the page rather than stopping the report.
 
 from __future__ import annotations
 
-import html
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -18,9 +16,9 @@ from pathlib import Path
 
 from rlhflab.config import opt
 from rlhflab.errors import UsageError
-from rlhflab.evals import verdict
+from rlhflab.evals.page import esc, fmt, is_number, number_cell, prompt_text, read_json, read_jsonl, table, text_cell
+from rlhflab.evals.story import run_facts, story_section
 from rlhflab.runs import atomic_write_text
-from rlhflab.world import judge
 
 STAGE_ORDER = ("pretrain", "sft", "rm", "ppo", "grpo", "dpo")
 
@@ -50,7 +48,6 @@ ANSWER_PROMPTS = 12     # held-out prompts shown side by side
 PROBE_PROMPTS = 8       # probe prompts shown per RL stage
 PROBE_CHECKPOINTS = 6   # steps shown per probe prompt, spread over training
 MAX_POINTS = 1500       # points per curve; longer logs are thinned to keep the page light
-MAX_CHARS = 600         # longest answer shown in full
 
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#17becf")
 
@@ -78,39 +75,7 @@ class ReportConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading what the run left behind. Each reader returns nothing rather than failing, and says why
-# in `notes`: a report of a half-finished or hand-made run is still worth having.
-
-
-def read_json(path: Path, notes: list[str]):
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        notes.append(f"{path}: not valid JSON ({exc}); skipped")
-        return None
-
-
-def read_jsonl(path: Path, notes: list[str]) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows, bad = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad.append(number)
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad.append(number)
-    if bad:
-        notes.append(f"{path}: {len(bad)} unreadable line(s) skipped (first: line {bad[0]})")
-    return rows
+# Finding the stages (what each left behind is read by page.py's forgiving readers).
 
 
 def stage_sort_key(name: str) -> tuple:
@@ -142,50 +107,6 @@ def check_run_dir(name: str | None) -> Path:
         raise UsageError(f"{name}: no stage directories (a stage directory holds metrics.jsonl or "
                          f"summary.json){hint}")
     return run_dir
-
-
-# ---------------------------------------------------------------------------------------------
-# Small HTML pieces.
-
-
-def esc(value) -> str:
-    return html.escape(str(value))
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def fmt(value) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "–" if value is None else str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if not math.isfinite(value):
-        return str(value)
-    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
-
-
-def number_cell(value, shade: bool = False) -> str:
-    """A right-aligned number; scores in [0, 1] get a red-to-green background when `shade`."""
-    style = ""
-    if shade and is_number(value) and 0 <= value <= 1:
-        style = f' style="background: hsl({120 * value:.0f}, 55%, 85%)"'
-    return f'<td class="num"{style}>{esc(fmt(value))}</td>'
-
-
-def text_cell(text) -> str:
-    if text is None:
-        return '<td class="empty">–</td>'
-    if not isinstance(text, str) or not text.strip():
-        return '<td class="empty">(empty)</td>'
-    shown = text if len(text) <= MAX_CHARS else text[:MAX_CHARS] + " …"
-    return f'<td class="text">{esc(shown)}</td>'
-
-
-def table(head: list[str], rows: list[str]) -> str:
-    heading = "".join(f"<th>{esc(h)}</th>" for h in head)
-    return f"<table><tr>{heading}</tr>{''.join(rows)}</table>"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,19 +363,6 @@ def results_section(results: dict) -> str:
             + table(["model", "gold", *facets, *(label for label, _ in extra), "mean chars", "empty"], rows))
 
 
-def prompt_text(row: dict) -> str:
-    """The conversation an answer replies to: its one message, or every turn labelled by role."""
-    messages = row.get("messages", row.get("prompt"))
-    if isinstance(messages, str):
-        return messages
-    if not isinstance(messages, list):
-        return ""
-    turns = [m for m in messages if isinstance(m, dict)]
-    if len(turns) == 1:
-        return str(turns[0].get("content", ""))
-    return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in turns)
-
-
 def answers_section(eval_dir: Path, notes: list[str]) -> str:
     files = sorted(eval_dir.glob("*.jsonl"), key=lambda p: stage_sort_key(p.stem)) if eval_dir.is_dir() else []
     answers = {}
@@ -475,115 +383,7 @@ def answers_section(eval_dir: Path, notes: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The story at the top of the page: a verdict written from the figures, each RLHF model against
-# SFT facet by facet, answers that changed, and every alarm.
-
-CHANGED_ANSWERS = 3     # answers shown that the best model improved most (and as many it made worse)
-
-
-def run_facts(results: dict | None, summaries: dict[str, dict | None], audits: dict[str, dict]) -> dict:
-    """What the verdict reads: the quickstart's results.json, completed with what the stages left."""
-    facts = dict(results) if isinstance(results, dict) else {}
-    if not isinstance(facts.get("models"), dict):
-        facts["models"] = {}
-    if not isinstance(facts.get("stages"), dict):
-        facts["stages"] = {name: s for name, s in summaries.items() if s is not None}
-    if not isinstance(facts.get("audits"), dict):
-        facts["audits"] = audits
-    return facts
-
-
-def delta_cell(value, before, higher_is_better: bool = True) -> str:
-    if not is_number(value):
-        return number_cell(None)
-    if not is_number(before):
-        return number_cell(value)
-    change = value - before
-    good = change > 0 if higher_is_better else change < 0
-    color = "#888" if abs(change) < 1e-9 else ("#1a7f37" if good else "#c00")
-    return (f'<td class="num">{esc(fmt(value))} <span style="color: {color}">'
-            f'({"+" if change >= 0 else "−"}{abs(change):.3f})</span></td>')
-
-
-def before_after_section(models: dict) -> str:
-    sft = models.get(verdict.BASELINE)
-    after = [name for name, m in models.items() if name not in verdict.NOT_RLHF and isinstance(m, dict)]
-    if not isinstance(sft, dict) or not after:
-        return ""
-    facets = list(sft.get("facets") or {}) if isinstance(sft.get("facets"), dict) else []
-    rows = []
-    for label, get, higher in ([("gold", lambda m: m.get("gold"), True)]
-                               + [(f, lambda m, f=f: (m.get("facets") or {}).get(f), True) for f in facets]
-                               + [("mean chars", lambda m: m.get("mean_chars"), None),
-                                  ("empty", lambda m: m.get("empty"), False)]):
-        cells = [number_cell(get(sft), shade=higher is True)]
-        cells += [delta_cell(get(models[name]), get(sft), higher is not False) if higher is not None
-                  else number_cell(get(models[name])) for name in after]
-        rows.append(f"<tr><td>{esc(label)}</td>{''.join(cells)}</tr>")
-    return ("<h3>Before and after, facet by facet</h3><p>Held-out prompts; each RLHF model's change against SFT "
-            "in brackets.</p>" + table(["figure", "sft", *after], rows))
-
-
-def changed_answers(eval_dir: Path, best: str, notes: list[str]) -> list[tuple[str, str, str, float | None,
-                                                                              float | None]]:
-    """(prompt, SFT's answer, the best model's, their gold scores) where the answers differ: the
-    largest gains first, then the largest losses; the first few that differ without a gold judge."""
-    before = {prompt_text(r): r for r in read_jsonl(eval_dir / f"{verdict.BASELINE}.jsonl", notes)}
-    found = []
-    for row in read_jsonl(eval_dir / f"{best}.jsonl", notes):
-        prompt = prompt_text(row)
-        old = before.get(prompt)
-        if old is None or old.get("response") == row.get("response"):
-            continue
-        meta, messages = row.get("meta"), row.get("messages")
-        scores = [None, None]
-        if isinstance(meta, dict) and meta.get("family") and isinstance(messages, list):
-            scores = [judge(messages, str(r.get("response") or ""), meta).score for r in (old, row)]
-        found.append((prompt, old.get("response"), row.get("response"), *scores))
-    if not all(is_number(f[3]) for f in found):
-        return found[: 2 * CHANGED_ANSWERS]
-    found.sort(key=lambda f: f[3] - f[4])
-    gains = [f for f in found if f[4] > f[3]][:CHANGED_ANSWERS]
-    losses = [f for f in reversed(found) if f[4] < f[3]][:CHANGED_ANSWERS]
-    return gains + losses
-
-
-def changed_section(eval_dir: Path, facts: dict, notes: list[str]) -> str:
-    best = next(iter(verdict.gains(facts)), None)
-    if best is None or not (eval_dir / f"{best}.jsonl").is_file():
-        return ""
-    found = changed_answers(eval_dir, best, notes)
-    if not found:
-        return f"<h3>Answers that changed</h3><p>{esc(best)} answers every held-out prompt as SFT does.</p>"
-    rows = [f'<tr><td class="text">{esc(prompt)}</td>{text_cell(old)}{number_cell(gold_old, shade=True)}'
-            f"{text_cell(new)}{number_cell(gold_new, shade=True)}</tr>"
-            for prompt, old, new, gold_old, gold_new in found]
-    return (f"<h3>Answers that changed</h3><p>Held-out prompts where {esc(best)}, the model that gained the most "
-            "gold score, answers otherwise than SFT: those it improved most, then those it made worse.</p>"
-            + table(["prompt", "sft", "gold", best, "gold"], rows))
-
-
-def alarms_section(facts: dict) -> str:
-    items = [f"<li>{esc(name)}, step {esc(fmt(a.get('step')))}: {esc(a.get('message', ''))}</li>"
-             for name, s in facts["stages"].items() if isinstance(s, dict)
-             for a in (s.get("alarms") or []) if isinstance(a, dict)]
-    watched = [name for name, s in facts["stages"].items() if isinstance(s, dict) and "alarms" in s]
-    if not watched:
-        return ""
-    if not items:
-        return f"<h3>Alarms</h3><p>No alarm fired ({esc(', '.join(watched))}).</p>"
-    return f'<h3>Alarms</h3><ul class="alarms">{"".join(items)}</ul>'
-
-
-def story_section(run_dir: Path, facts: dict, notes: list[str]) -> str:
-    parts = [before_after_section(facts["models"]), changed_section(run_dir / "eval", facts, notes),
-             alarms_section(facts)]
-    return (f'<h2 id="verdict">What the run shows</h2><p class="verdict">{esc(verdict.verdict(facts))}</p>'
-            + "".join(parts))
-
-
-# ---------------------------------------------------------------------------------------------
-# The page.
+# The page: the story on top (story.py), then the stages, the evaluation and the answers.
 
 
 def render(run_dir: Path) -> str:

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhflab.config import opt
+from rlhflab.config import opt, require
 from rlhflab.data.formats import load_prompts
 from rlhflab.errors import UsageError
 from rlhflab.feedback.ai_labeller import chat_backend
@@ -57,14 +57,8 @@ class CritiqueConfig:
     device: str = opt("auto", "where to run", ("auto", "cpu", "cuda"))
     dtype: str = opt("auto", "weights dtype", ("auto", "fp32", "bf16", "fp16"))
 
-    def check(self):
-        for option in ("model", "prompts", "out"):
-            if not getattr(self, option):
-                raise UsageError(f"give --{option}")
-        if self.rounds < 1:
-            raise UsageError(f"--rounds: must be at least 1, got {self.rounds}")
-        if self.temperature < 0:
-            raise UsageError(f"--temperature: must not be negative, got {self.temperature}")
+    def check(self):   # --rounds and --temperature: their ranges (config.RANGES) are checked before this
+        require(self, "model", "prompts", "out")
 
 
 def revise(chat, prompts: list[list[dict]], principles, rounds: int,

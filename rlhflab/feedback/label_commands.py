@@ -113,12 +113,18 @@ def read_guidelines(path: str) -> str:
 # Statistics (the admin page) and export.
 
 
+def group_by_task(labels: list[dict]) -> dict[int, list[dict]]:
+    """Labels grouped by their task's id."""
+    grouped: dict[int, list[dict]] = {}
+    for label in labels:
+        grouped.setdefault(label["task"], []).append(label)
+    return grouped
+
+
 def statistics(db: LabelDB) -> dict:
     """Progress, per-annotator throughput and agreement, alpha and the most disputed tasks."""
     tasks, people, labels = db.everything()
-    by_task: dict[int, list[dict]] = {}
-    for label in labels:
-        by_task.setdefault(label["task"], []).append(label)
+    by_task = group_by_task(labels)
     regular = [t for t in tasks.values() if t["gold"] is None]
     complete = sum(len(by_task.get(t["id"], [])) >= db.overlap for t in regular)
     per_person = []
@@ -174,9 +180,7 @@ def export_rows(db: LabelDB, with_annotators: bool = False, min_annotators: int 
     """rankings (aggregated per task), prefs (every implied pair of every label), rules (flags
     per answer, aggregated over its annotators)."""
     tasks, people, labels = db.everything()
-    by_task: dict[int, list[dict]] = {}
-    for label in labels:
-        by_task.setdefault(label["task"], []).append(label)
+    by_task = group_by_task(labels)
     rankings, prefs, rules_rows = [], [], []
     names = db.rules
     for task_id in sorted(by_task):
@@ -235,8 +239,6 @@ class LabelInitConfig:
             raise UsageError("--db: give the database file to create")
         if not self.tasks and not self.gold:
             raise UsageError("--tasks: give a file of tasks (see --help)")
-        if self.overlap < 1:
-            raise UsageError(f"--overlap: must be at least 1, got {self.overlap}")
         if self.gold_every < 2:
             raise UsageError(f"--gold-every: must be at least 2, got {self.gold_every}")
 
@@ -327,8 +329,6 @@ class LabelExportConfig:
             raise UsageError("--db: give the labeling database")
         if not self.out:
             raise UsageError("--out: give a directory")
-        if self.min_annotators < 1:
-            raise UsageError(f"--min-annotators: must be at least 1, got {self.min_annotators}")
 
 
 def export_command(config: LabelExportConfig) -> int:

@@ -62,12 +62,8 @@ class LabelServeConfig:
     def check(self) -> None:
         if not self.db:
             raise UsageError("--db: give the labeling database (made by `rlhflab label init`)")
-        if not 0 < self.port < 65536:
+        if not 0 < self.port < 65536:   # the other numbers: their ranges (config.RANGES) are checked before this
             raise UsageError(f"--port: must be in 1..65535, got {self.port}")
-        if self.lease_minutes <= 0:
-            raise UsageError(f"--lease-minutes: must be positive, got {self.lease_minutes}")
-        if self.max_body_kb < 1:
-            raise UsageError(f"--max-body-kb: must be at least 1, got {self.max_body_kb}")
 
 
 # ---------------------------------------------------------------------------------------------

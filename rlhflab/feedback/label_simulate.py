@@ -57,12 +57,8 @@ class SimulateConfig:
             raise UsageError(f"--url {self.url}: expected the labeling server's http:// or https:// address")
         if not self.admin_token:
             raise UsageError("--admin-token: give the admin token printed by `rlhflab label init`")
-        if self.annotators < 1:
-            raise UsageError(f"--annotators: must be at least 1, got {self.annotators}")
-        if self.temperature <= 0 or self.spread < 0:
+        if self.temperature <= 0 or self.spread < 0:   # the other numbers: config.RANGES, checked before this
             raise UsageError("--temperature must be positive and --spread not negative")
-        if not 0 <= self.flag_error <= 1:
-            raise UsageError(f"--flag-error: must be in [0, 1], got {self.flag_error}")
 
 
 class HttpError(Exception):

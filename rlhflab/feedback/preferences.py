@@ -15,8 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhflab.config import opt
-from rlhflab.data.formats import load_prompts
+from rlhflab.config import opt, require
+from rlhflab.data.formats import is_message_list, load_prompts
 from rlhflab.data.template import stop_token_ids
 from rlhflab.errors import UsageError
 from rlhflab.feedback import ai_labeller
@@ -48,16 +48,10 @@ class SampleConfig:
     device: str = opt("auto", "where to run", ("auto", "cpu", "cuda"))
     dtype: str = opt("auto", "weights dtype", ("auto", "fp32", "bf16", "fp16"))
 
-    def check(self):
-        for option in ("model", "prompts", "out"):
-            if not getattr(self, option):
-                raise UsageError(f"give --{option}")
+    def check(self):   # --temperature and --top-p: their ranges (config.RANGES) are checked before this
+        require(self, "model", "prompts", "out")
         if self.k < 2:
             raise UsageError("--k: must be at least 2 (a ranking needs two responses)")
-        if self.temperature < 0:
-            raise UsageError(f"--temperature: must not be negative, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"--top-p: must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -84,9 +78,7 @@ class RankConfig:
     batch_size: int = opt(32, "AI labellers: questions per forward pass of a local model")
 
     def check(self):
-        for option in ("data", "out"):
-            if not getattr(self, option):
-                raise UsageError(f"give --{option}")
+        require(self, "data", "out")
         if self.by != SHORTEST:
             check_ranker(self.by, "--by")
 
@@ -195,9 +187,7 @@ def read_rows(path: str) -> list[dict]:
         if isinstance(row.get("prompt"), str):
             row["prompt"] = [{"role": "user", "content": row["prompt"]}]
         prompt = row.get("prompt")
-        if (not isinstance(prompt, list) or not prompt
-                or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                           for m in prompt)):
+        if not prompt or not is_message_list(prompt):
             raise UsageError(f"{path}:{line_no}: field 'prompt' must be a string or a non-empty list of "
                              "{\"role\", \"content\"} messages")
         if row.get("meta") is not None and not isinstance(row["meta"], dict):

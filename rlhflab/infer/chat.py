@@ -51,14 +51,6 @@ class ChatConfig:
     trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
     seed: int = opt(0, "sampling seed (turn k uses seed + k, so a replayed session answers the same)")
 
-    def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise UsageError(f"--max-new-tokens: must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UsageError(f"--temperature: must not be negative, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"--top-p: must be in (0, 1], got {self.top_p}")
-
 
 # ---------------------------------------------------------------------------------------------
 # Which model to load.

@@ -75,13 +75,8 @@ class ServeConfig:
     trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
 
     def check(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_body_kb", "default_max_tokens"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
-        if not 0 < self.port < 65536:
+        if not 0 < self.port < 65536:   # the other numbers: their ranges (config.RANGES) are checked before this
             raise UsageError(f"--port: must be in 1..65535, got {self.port}")
-        if self.batch_wait_ms < 0:
-            raise UsageError(f"--batch-wait-ms: must not be negative, got {self.batch_wait_ms}")
         adapters(self)   # raises on a malformed --adapter
 
     @property

@@ -20,7 +20,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rlhflab.data.formats import iter_raw_rows
+from rlhflab.data.formats import is_message_list, iter_raw_rows
 from rlhflab.data.template import encode_chat
 from rlhflab.errors import UsageError
 from rlhflab.models.loading import (
@@ -109,9 +109,7 @@ def read_rule_rows(path: str, option: str = "--data") -> tuple[list[tuple[list[d
         prompt = row.get("prompt")
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        if not isinstance(prompt, list) or not prompt or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in prompt):
+        if not prompt or not is_message_list(prompt):
             raise UsageError(f"{where}: field 'prompt' must be a string or a non-empty list of {{role, content}}")
         flags = {}
         for name, value in row["rules"].items():

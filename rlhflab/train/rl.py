@@ -5,7 +5,7 @@ How this departs from the papers, and why:
 - The collapse of a published run (an RM that liked empty answers) is guarded in two places: generation can
   suppress EOS for the first --min-new-tokens tokens, and the monitors log the empty-answer rate,
   response length and (on toy-world prompts) the gold score every step, with an alarm when the
-  reward rises while the gold score falls, and one when the share of empty answers rises.
+  reward rises while the gold score falls, and one when the share of empty answers rises (alarms.py).
 - The KL to the reference is a per-token reward penalty (Ziegler et al. 2019, InstructGPT) for
   gae/rloo/reinforce++, and a k3 loss term for grpo (Shao et al. 2024), unless --kl-mode says
   otherwise; log-ratios are clamped and computed in fp32.
@@ -19,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import random
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,11 +34,12 @@ from rlhflab.data.template import encode_prompt, stop_token_ids, turn_end_ids
 from rlhflab.errors import NonFiniteError, UsageError
 from rlhflab.infer.engine import SamplingParams, generate
 from rlhflab.rewards import compose
-from rlhflab.rewards.model import load_reward_model, reads_policy_tokens, score_texts
-from rlhflab.train import skeleton
-from rlhflab.train.roles import active_adapter, base_weight_copies, load_eval_reward_model, load_roles, save_policy
+from rlhflab.train import distributed, optim, skeleton
+from rlhflab.train.alarms import Alarm, GoldSignal, gold_signal
+from rlhflab.train.roles import active_adapter, base_weight_copies, load_roles, save_policy
 from rlhflab.train.sft import collate, encode_dataset, nll_sum
-from rlhflab.world import judge, probe_prompts
+from rlhflab.train.text_rewards import JUDGE, text_reward
+from rlhflab.world import probe_prompts
 
 
 @dataclass
@@ -152,7 +151,6 @@ class RLConfig(ModelOptions, TrainOptions):
         return self.kl_mode == "loss" or (self.kl_mode == "auto" and self.estimator_spec.kl_in_loss)
 
 
-JUDGE = "judge"  # --reward judge: the toy world's gold judge instead of a reward model
 SUMMARY_FIGURES = ("reward", "kl_k1", "response_len", "empty_rate", "gold")   # summary.json's final_* means
 
 
@@ -176,78 +174,6 @@ def repetition(tokens: list[int]) -> float:
     """Share of repeated bigrams in a response (0 = none repeated)."""
     pairs = list(zip(tokens, tokens[1:]))
     return 1.0 - len(set(pairs)) / len(pairs) if len(pairs) > 1 else 0.0
-
-
-class GoldSignal:
-    """The ground truth the monitors compare the reward with: the toy world's judge on world
-    prompts, or a second, held-out reward model (--eval-reward-model) that reads the policy's tokens
-    (`eval_rm`) or the answers' text (`eval_rm_text`)."""
-
-    def __init__(self, records, eval_rm=None, eval_rm_text=None):
-        self.judge, self.eval_rm, self.eval_rm_text = judge, eval_rm, eval_rm_text
-        self.world = all(r.meta.get("family") for r in records)
-
-    @property
-    def available(self) -> bool:
-        return self.world or self.eval_rm is not None or self.eval_rm_text is not None
-
-    def __call__(self, records, texts, input_ids=None, attention_mask=None) -> float | None:
-        if self.world:
-            return sum(self.judge(r.messages, t, r.meta).score for r, t in zip(records, texts)) / len(texts)
-        if self.eval_rm is not None:
-            return float(self.eval_rm.scores(input_ids, attention_mask).mean())
-        if self.eval_rm_text is not None:
-            return sum(self.eval_rm_text(records, texts)) / len(texts)
-        return None
-
-
-class Alarm:
-    """Reward rising while the gold signal falls over a window of logged steps; and, with or without
-    a gold signal, the share of empty answers rising above that of the first window (the collapse
-    onto empty answers of a reward model that likes them), raised once each time it crosses."""
-
-    EMPTY_RISE = 0.2   # rise of the empty-answer share (absolute) that raises the alarm
-    MIN_GOLD_FALL = 0.02
-
-    def __init__(self, window: int):
-        self.window, self.rewards, self.golds, self.empties, self.empty_raised = window, [], [], [], False
-
-    def update(self, reward: float, gold: float | None, empty_rate: float | None = None) -> str | None:
-        messages = [m for m in (self.empty(empty_rate), self.diverging(reward, gold)) if m]
-        return "; ".join(messages) or None
-
-    def empty(self, empty_rate: float | None) -> str | None:
-        if empty_rate is None:
-            return None
-        self.empties.append(empty_rate)
-        w = self.window
-        if len(self.empties) < 2 * w:
-            return None
-        start, now = sum(self.empties[:w]) / w, sum(self.empties[-w:]) / w
-        raised, self.empty_raised = self.empty_raised, now - start > self.EMPTY_RISE
-        if self.empty_raised and not raised:
-            return (f"empty answers rose from {start:.0%} to {now:.0%} of the rollouts (a reward model that "
-                    "likes them; --min-new-tokens keeps EOS away from the start)")
-        return None
-
-    def diverging(self, reward: float, gold: float | None) -> str | None:
-        if gold is None:
-            return None
-        self.rewards.append(reward)
-        self.golds.append(gold)
-        if len(self.golds) < 2 * self.window:
-            return None
-        w = self.window
-        reward_gain = sum(self.rewards[-w:]) / w - sum(self.rewards[-2 * w:-w]) / w
-        before, now = self.golds[-2 * w:-w], self.golds[-w:]
-        gold_gain = sum(now) / w - sum(before) / w
-        # The step means of a few dozen sampled answers are noisy: a fall counts when it is larger than
-        # MIN_GOLD_FALL and than twice the standard error of the difference of the two windows' means,
-        # estimated from each window's own spread (a steady trend does not inflate it).
-        spread = math.sqrt((statistics.pvariance(before) + statistics.pvariance(now)) / 2)
-        if reward_gain > 0 and gold_gain < -max(self.MIN_GOLD_FALL, 2 * spread * math.sqrt(2 / w)):
-            return f"reward rose by {reward_gain:.3f} while the gold score fell by {-gold_gain:.3f} (possible reward hacking)"
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,8 +304,8 @@ def update(roles, optimizer, accelerator, rollout: Rollout, config: RLConfig, kl
                 accelerator.backward(loss + config.vf_coef * vf_loss if shared else config.vf_coef * vf_loss)
                 metrics.update(vf_metrics)
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            metrics = skeleton.average_gradients(accelerator, params, float(mask.sum()), metrics)
-            skeleton.optimizer_step(accelerator, params, optimizer, None, config.max_grad_norm)
+            metrics = distributed.average_gradients(accelerator, params, float(mask.sum()), metrics)
+            optim.optimizer_step(accelerator, params, optimizer, None, config.max_grad_norm)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             count += 1
@@ -446,48 +372,6 @@ def as_rendered(gen, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return gen.rendered(turn_end_ids(tokenizer), stop_token_ids(tokenizer), tokenizer.pad_token_id)
 
 
-def gold_signal(records, config: RLConfig, placement, tokenizer) -> GoldSignal:
-    """The monitors' ground truth: the toy world's judge, or --eval-reward-model (any kind of reward model)."""
-
-    if not config.eval_reward_model:
-        return GoldSignal(records)
-    if not reads_policy_tokens(config.eval_reward_model, tokenizer, config.trust_remote_code):
-        return GoldSignal(records, eval_rm_text=text_scores(config.eval_reward_model, placement, config,
-                                                            "--eval-reward-model"))
-    return GoldSignal(records, load_eval_reward_model(config.eval_reward_model, placement))
-
-
-def text_scores(path: str, placement, config: RLConfig, option: str):
-    """Scores of (record, answer text) pairs by the reward model at `path`, with its own tokenizer."""
-
-    model, tokenizer = load_reward_model(path, placement, config.trust_remote_code, option)
-
-    def scores(records, texts: list[str]) -> list[float]:
-        return score_texts(model, tokenizer, [r.messages + [{"role": "assistant", "content": text}]
-                                              for r, text in zip(records, texts)])
-    return scores
-
-
-def text_reward(config: RLConfig, placement, tokenizer):
-    """A reward computed from each answer's text, not from the policy's tokens: the toy world's
-    judge (--reward judge), a Hugging Face sequence classifier, or a reward model with a vocabulary
-    other than the policy's; these re-read prompt and answer with their own tokenizer and chat
-    template. None for a reward model that scores the policy's own tokens (on the shared base,
-    under --lora)."""
-
-    if config.reward == JUDGE:
-        return judge_scores
-    if reads_policy_tokens(config.reward, tokenizer, config.trust_remote_code):
-        return None
-    return text_scores(config.reward, placement, config, "--reward")
-
-
-def judge_scores(records, texts: list[str]) -> list[float]:
-    """--reward judge: the toy world's gold score of each answer."""
-
-    return [judge(r.messages, text, r.meta).score for r, text in zip(records, texts)]
-
-
 def dump_nonfinite(out: Path, step: int, records, reason: str, rank: int = 0) -> None:
     """Keep the prompts of a skipped batch for inspection (each process its own share)."""
     runs.atomic_write_json(out / "nonfinite" / (f"step-{step}.json" if rank == 0 else f"step-{step}-process-{rank}.json"),
@@ -536,9 +420,9 @@ def run(config: RLConfig) -> dict:
     groups = [{"params": roles.trainable_parameters("policy"), "lr": config.lr}]
     if config.estimator_spec.critic:
         groups.append({"params": roles.trainable_parameters("critic"), "lr": config.critic_lr or config.lr})
-    optimizer = skeleton.adamw(groups, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = skeleton.make_scheduler(optimizer, config, config.max_steps)
-    skeleton.checkpoint_activations(roles, config)
+    optimizer = optim.adamw(groups, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = optim.make_scheduler(optimizer, config, config.max_steps)
+    optim.checkpoint_activations(roles, config)
     roles, optimizer, scheduler = accelerator.prepare(roles, optimizer, scheduler)
     roles_module = accelerator.unwrap_model(roles)
     if config.lora:
@@ -571,7 +455,7 @@ def run(config: RLConfig) -> dict:
     while step < config.max_steps:
         started = time.perf_counter()
         # This process's share of the step's prompts (all of them with one process).
-        batch_records = [records[i] for i in skeleton.shard(order.next(), accelerator) for _ in range(config.n_samples)]
+        batch_records = [records[i] for i in distributed.shard(order.next(), accelerator) for _ in range(config.n_samples)]
         try:
             rollout, row, texts = collect(roles_module, tokenizer, batch_records, config, step + 1, kl_ctl, moments,
                                            reward_from_text, accelerator)
@@ -592,7 +476,7 @@ def run(config: RLConfig) -> dict:
             row["gold"] = gold_score
         # Every process's rollouts count: figures are their means, and the KL controller (the same
         # in every process) sees them all.
-        row = skeleton.mean_over_processes(accelerator, {**row, "rollouts": len(batch_records)})
+        row = distributed.mean_over_processes(accelerator, {**row, "rollouts": len(batch_records)})
         row["rollouts"] = round(row["rollouts"] * processes)
         gold_score = row.get("gold")
         kl_ctl.update(row["kl_k1"], row["rollouts"])

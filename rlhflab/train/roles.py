@@ -210,7 +210,7 @@ def load_roles(config, placement):
     tokenizer = load_tokenizer(config.tokenizer or policy_dir, config.trust_remote_code, config.chat_template,
                                "--tokenizer" if config.tokenizer else "--policy")
     # The judge, a sequence classifier and a reward model with another vocabulary score the
-    # answers' text (rl.text_reward): then there is no reward role, and the critic starts from SFT.
+    # answers' text (text_rewards.text_reward): then there is no reward role, and the critic starts from SFT.
     rm_dir = reward_dir if reward_dir and reads_policy_tokens(reward_dir, tokenizer, config.trust_remote_code) else None
     critic_init = config.critic_init if rm_dir else "sft"
     tokenizer.padding_side = "left"

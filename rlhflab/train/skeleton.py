@@ -2,7 +2,8 @@
 held-out split, the batch order, the optimizer loop (accumulation, schedule, clipping, logging,
 periodic eval, checkpoints, resume) and the closing summary. A stage file reads load, build, loop,
 save, and hands the loop only what is its own (`StageParts`: how a micro-batch is made and scored,
-its eval, its figures). PPO (rl.py) keeps its own on-policy loop and uses the building blocks.
+its eval, its figures). PPO (rl.py) keeps its own on-policy loop and uses the building blocks: these
+here, the engine checks and sums over processes (distributed.py), the optimizer and its step (optim.py).
 
 What a word means in every stage:
 - batch: `--batch-size` rows per micro-batch summed over all processes (each process takes its
@@ -38,7 +39,18 @@ from rlhflab import config as cfg
 from rlhflab import runs
 from rlhflab.data.formats import load_records
 from rlhflab.errors import NonFiniteError, UsageError
-from rlhflab.models.loading import Placement, choose_placement, enable_gradient_checkpointing
+from rlhflab.models.loading import Placement, choose_placement
+from rlhflab.train.distributed import (
+    check_engine,
+    check_launch,
+    engine_name,
+    shard,
+    sharding_launch,
+    shards_weights,
+    sum_over_processes,
+    uses_deepspeed,
+)
+from rlhflab.train.optim import checkpoint_activations, make_optimizer, make_scheduler, optimizer_step
 
 
 class _SharedTensorNotice(logging.Filter):
@@ -86,6 +98,10 @@ def prepare_stage(config) -> Setup:
     if log_with == "wandb":
         _require("wandb", "--report-to wandb")
     check_launch()
+    # DeepSpeed without CUDA falls back to its CPU backend and says so in every process: naming that
+    # backend makes the same choice quietly.
+    if uses_deepspeed() and not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     accelerator = Accelerator(
         cpu=placement.device.type == "cpu" and not sharding_launch(),   # the sharding engines' own switches decide
         mixed_precision=placement.mixed_precision if not getattr(config, "lora", False) else "no",
@@ -119,76 +135,6 @@ def prepare_stage(config) -> Setup:
               "the data order continues, but random streams (dropout, sampling) differ from an uninterrupted run",
               file=sys.stderr)
     return Setup(out, placement, accelerator, resume_from, state)
-
-
-def check_launch() -> None:
-    """Refuse a launch that runs one process where several were asked for. `accelerate launch
-    --num_processes N --cpu` (or on a machine without GPUs) starts a single process unless it goes
-    through mpirun; that launcher leaves ACCELERATE_USE_CPU and MASTER_ADDR but no WORLD_SIZE."""
-    env = os.environ
-    asked_for_more = "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env
-    started = any(name in env for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
-    if asked_for_more and not started:
-        raise UsageError("`accelerate launch` started ONE process, though more were asked for: on CPUs (--cpu, or "
-                         "no GPU) its launcher starts several only through mpirun (--mpirun_hostfile). For several "
-                         "CPU processes use `torchrun --nproc_per_node N -m rlhflab ...`; on GPUs give "
-                         "`accelerate launch --multi_gpu` or a config from configs/accelerate/")
-
-
-def uses_deepspeed() -> bool:
-    """Whether accelerate will run DeepSpeed (set by `accelerate launch` with a DeepSpeed config)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
-
-
-def sharding_launch() -> bool:
-    """Whether the launch asks for DeepSpeed or FSDP (accelerate's switches, set by its launcher)."""
-    return uses_deepspeed() or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
-
-
-def shards_weights(accelerator) -> bool:
-    """Whether each process holds only a slice of the weights (FSDP, DeepSpeed ZeRO-3), so that a
-    full copy must be gathered before the model is saved."""
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    return plugin is not None and plugin.zero_stage == 3
-
-
-def engine_name(accelerator) -> str:
-    """What trained the model, as summary.json says: single, ddp, fsdp or deepspeed-zero<stage>."""
-    engine = accelerator.distributed_type
-    if engine == DistributedType.DEEPSPEED:
-        return f"deepspeed-zero{accelerator.state.deepspeed_plugin.zero_stage}"
-    if engine == DistributedType.FSDP:
-        return f"fsdp{accelerator.state.fsdp_plugin.fsdp_version}"
-    return "single" if accelerator.num_processes == 1 else "ddp"
-
-
-def check_engine(accelerator, config) -> None:
-    """What each engine runs: every stage under DDP; SFT and pretraining under FSDP and DeepSpeed
-    ZeRO-1/2/3; RM and DPO under ZeRO-1/2 as well. PPO's roles run their own forward passes, which
-    DDP serves (gradients are averaged by hand, `average_gradients`) but the sharding engines do not."""
-    engine = accelerator.distributed_type
-    if sharding_launch() and engine not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise UsageError("FSDP was asked for, but accelerate runs FSDP on GPUs only: on CPUs launch with DDP "
-                         "(torchrun --nproc_per_node N) or DeepSpeed (configs/accelerate/zero2.yaml)")
-    if engine not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        if engine not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-            print(f"note: {engine.value} is untested with rlhflab", file=sys.stderr)
-        return
-    name = "FSDP" if engine == DistributedType.FSDP else f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
-    if config.stage == "ppo" or (config.stage in ("rm", "dpo") and shards_weights(accelerator)):
-        raise UsageError(f"`rlhflab {config.stage}` does not run under {name} in this release; launch it with "
-                         "DDP (configs/accelerate/ddp.yaml, or torchrun)"
-                         + ("" if config.stage == "ppo" else " or DeepSpeed ZeRO-2"))
-    if engine == DistributedType.DEEPSPEED:   # no dataloader is prepared: say what a process's micro-batch is
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = max(1, config.batch_size // accelerator.num_processes)
-        ds["gradient_accumulation_steps"] = config.grad_accum
-        ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * config.grad_accum * accelerator.num_processes
-        ds["gradient_clipping"] = config.max_grad_norm
-        if shards_weights(accelerator):   # the saved model is gathered whole from the slices
-            ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 def _plan(config) -> dict:
@@ -258,67 +204,6 @@ def tracker_names(config) -> tuple[str, str]:
     return (config.wandb_project if config.report_to == "wandb" else config.stage), name
 
 
-def make_optimizer(model, config) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "norm" in name.lower() or name.endswith("bias") else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return adamw([g for g in groups if g["params"]], lr=config.lr)
-
-
-def adamw(groups, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW, fused into one kernel per step where torch has one for these tensors (CPU and CUDA
-    fp32/bf16 do): on a 6M-parameter model the optimizer step takes 6 ms instead of 25."""
-    try:
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
-
-
-def make_scheduler(optimizer, config, total_steps: int):
-    warmup = int(config.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if config.scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if config.scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def checkpoint_activations(model, config) -> None:
-    """--gradient-checkpointing on the trainable models inside `model` (before accelerator.prepare)."""
-    if config.gradient_checkpointing:
-
-        enable_gradient_checkpointing(model)
-
-
-def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: float):
-    """Clip (when asked), step the optimizer and the schedule, clear the gradients; returns the norm or None.
-
-    A gradient whose norm is not finite is never applied: the gradients are cleared, nothing steps,
-    and FloatingPointError says so (the caller stops, or skips the batch)."""
-    params = list(params)
-    norm = accelerator.clip_grad_norm_(params, max_grad_norm or math.inf)
-    if norm is not None and not math.isfinite(float(norm)):
-        optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"the gradient norm is {float(norm)}")
-    norm = norm if max_grad_norm else None
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
-
-
 def total_steps(config, n_rows: int) -> int:
     if config.max_steps > 0:
         return config.max_steps
@@ -375,53 +260,6 @@ class BatchOrder:
 def batch_order(config, lengths: list[int], seed: int | None = None) -> BatchOrder:
     """The order of a stage's global micro-batches: --batch-size rows each, summed over processes."""
     return BatchOrder(lengths, config.batch_size, config.seed if seed is None else seed, config.group_by_length)
-
-
-def sum_over_processes(accelerator, value: float) -> float:
-    """`value` summed over all processes (itself with one)."""
-    if accelerator.num_processes == 1:
-        return value
-    return accelerator.reduce(torch.tensor(float(value), dtype=torch.float64, device=accelerator.device), "sum").item()
-
-
-def average_gradients(accelerator, params, weight: float, figures: dict) -> dict:
-    """Make every process's gradients the global ones, for a model whose forward passes do not go
-    through the engine's wrapper (PPO's roles): each process's gradient of its mean loss, weighted
-    by its `weight` (its response tokens), summed over processes and divided by the summed weights,
-    which is the gradient of the mean over all processes' tokens. `figures` (floats) are averaged
-    with the same weights and returned, so that every process decides alike (early stops). A
-    non-finite gradient anywhere reaches every process, and the gradient-norm check stops them all."""
-    if accelerator.num_processes == 1:
-        return figures
-    grads = [p.grad for p in params if p.grad is not None]
-    keys = sorted(figures)
-    flat = torch.cat([g.detach().flatten().float() for g in grads]
-                     + [torch.tensor([1.0] + [float(figures[k]) for k in keys], device=accelerator.device)]) * weight
-    flat = accelerator.reduce(flat, "sum")
-    total = flat[-len(keys) - 1].item()
-    flat = flat / max(total, 1e-12)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-    return dict(zip(keys, flat[offset + 1:].tolist()))
-
-
-def mean_over_processes(accelerator, row: dict) -> dict:
-    """A row of figures averaged over processes (each holds the same number of items); numbers only."""
-    if accelerator.num_processes == 1:
-        return row
-    keys = sorted(k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-    values = accelerator.reduce(torch.tensor([float(row[k]) for k in keys], dtype=torch.float64,
-                                             device=accelerator.device), "mean")
-    means = {k: int(v) if isinstance(row[k], int) and v == int(v) else v for k, v in zip(keys, values.tolist())}
-    return {**row, **means}
-
-
-def shard(batch: list[int], accelerator) -> list[int]:
-    """This process's share of a global micro-batch (data parallel under accelerate launch)."""
-    n, rank = accelerator.num_processes, accelerator.process_index
-    return batch[rank::n] if n > 1 else batch
 
 
 def checkpoint_trainable_only(accelerator) -> None:
