@@ -5,6 +5,7 @@ the export read back by the loaders `rm` and `dpo` use."""
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 from itertools import permutations
 
@@ -38,6 +39,9 @@ def test_positions_preferences_and_borda():
     assert agr.preference([2, 1, 2], 0, 1) == -1 and agr.preference([2, 1, 2], 0, 2) == 0
     assert agr.aggregate([[1, 2, 3], [1, 3, 2], [1, 1, 2]]) == pytest.approx([7 / 6, 13 / 6, 8 / 3])
     assert agr.order_from_scores([2.0, 1.0, 2.0]) == [1, 0, 2]
+    # with a random source, ties come out in both orders across tasks, never always the import order
+    orders = {tuple(agr.order_from_scores([1.0, 2.0, 2.0, 2.0], random.Random(n))) for n in range(40)}
+    assert all(order[0] == 0 for order in orders) and len(orders) > 1
     assert sorted(agr.implied_pairs([2, 1, 2, 3])) == [(0, 3), (1, 0), (1, 2), (1, 3), (2, 3)]
 
 

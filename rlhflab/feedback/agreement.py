@@ -14,6 +14,7 @@ statistic here is a pure function of such lists, so it is tested on hand-compute
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from itertools import combinations
 
@@ -45,9 +46,14 @@ def aggregate(labels: list[list[int]]) -> list[float]:
     return mean
 
 
-def order_from_scores(mean_positions: list[float]) -> list[int]:
-    """Answer indices best first (lower mean position first; equal ones keep their index order)."""
-    return sorted(range(len(mean_positions)), key=lambda i: (mean_positions[i], i))
+def order_from_scores(mean_positions: list[float], rng: random.Random | None = None) -> list[int]:
+    """Answer indices best first (lower mean position first). Equal ones keep their index order,
+    or with `rng` come in a random order: a rankings file cannot mark a tie, and the order the
+    answers were imported in (a source's own ranking, say) must not decide it."""
+    ties = list(range(len(mean_positions)))
+    if rng is not None:
+        rng.shuffle(ties)
+    return sorted(range(len(mean_positions)), key=lambda i: (mean_positions[i], ties[i]))
 
 
 def task_agreement(labels: list[list[int]]) -> float | None:

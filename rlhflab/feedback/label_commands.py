@@ -189,7 +189,7 @@ def export_rows(db: LabelDB, with_annotators: bool = False, min_annotators: int 
             continue
         all_ranks = [lb["ranks"] for lb in task_labels]
         mean = agr.aggregate(all_ranks)
-        order = agr.order_from_scores(mean)
+        order = agr.order_from_scores(mean, random.Random(f"ties:{task_id}"))
         meta = {**task["meta"], "task": task_id, "annotators": len(task_labels),
                 "agreement": agr.task_agreement(all_ranks), "all_bad": sum(lb["all_bad"] for lb in task_labels)}
         if len(set(mean)) > 1:   # a task every annotator left all tied has no order to learn
