@@ -1,7 +1,8 @@
 #!/bin/bash
 # The RLAIF measurements of docs/rlaif.md, in the toy world with habits (--habit-rate 0.6):
 #   labeller  teach the feedback model more on its comparisons (the labeller of `labels`)
-#   labels  an RM on AI labels against an RM on as many annotator labels (gold accuracy); LB: the labeller
+#   labels  an RM on AI labels against an RM on as many annotator labels (gold accuracy); LB: the labeller,
+#           COMBINE: how it weighs the principles (rank --combine: mean, principles, first)
 #   rules   PPO with the preference RM plus the rule RM against the preference RM alone
 #   cai     a constitutional round: critique -> SFT on revisions -> DPO revised over first answers
 #
@@ -21,6 +22,7 @@ SIZE=${SIZE:-default}
 SFT_STEPS=${SFT_STEPS:-150}; SFT_LR=${SFT_LR:-5e-4}; FEEDBACK_STEPS=${FEEDBACK_STEPS:-250}; RM_STEPS=${RM_STEPS:-120}
 PPO_STEPS=${PPO_STEPS:-20}; ROLLOUT=${ROLLOUT:-16}; LABEL_PROMPTS=${LABEL_PROMPTS:-300}; CAI_PROMPTS=${CAI_PROMPTS:-300}
 CAI_SFT_STEPS=${CAI_SFT_STEPS:-60}; CAI_DPO_STEPS=${CAI_DPO_STEPS:-100}; EVAL_N=${EVAL_N:-300}
+COMBINE=${COMBINE:-mean}   # how the labeller's principles make one verdict (rank --combine)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 W=$OUT/world
 FB=${FB:-$OUT/feedback}    # the feedback model (critic and labeller)
@@ -55,16 +57,18 @@ labeller() {   # the feedback model taught more on its comparisons alone: the la
       --max-length 320 --batch-size 16 --lr 1e-3 --max-steps ${LABELLER_STEPS:-400} "${q[@]}"
 }
 
-labels() {
+labels() {   # COMBINE other than mean keeps its own files beside: ai_pairs_$COMBINE.jsonl, rm_ai_$COMBINE ...
+  s=${COMBINE/#mean/}; s=${s:+_$s}
   head -n $LABEL_PROMPTS $W/rankings.jsonl > $OUT/label_rankings.jsonl
   tail -n 300 $W/rankings.jsonl > $OUT/heldout_rankings.jsonl
-  [ -f $OUT/ai_pairs.jsonl ] || $RL rank --data $OUT/label_rankings.jsonl --by model:${LB:-$OUT/labeller} \
-      --format pairs --ranked-input --out $OUT/ai_pairs.jsonl --judgments $OUT/ai_judgments.jsonl 2> $OUT/ai_rank.log
-  n=$(wc -l < $OUT/ai_pairs.jsonl)
+  [ -f $OUT/ai_pairs$s.jsonl ] || $RL rank --data $OUT/label_rankings.jsonl --by model:${LB:-$OUT/labeller} \
+      --combine $COMBINE --format pairs --ranked-input --out $OUT/ai_pairs$s.jsonl \
+      --judgments $OUT/ai_judgments$s.jsonl 2> $OUT/ai_rank$s.log
+  n=$(wc -l < $OUT/ai_pairs$s.jsonl)
   common=(--model $OUT/sft --eval-data $OUT/heldout_rankings.jsonl --batch-size 8 --lr 1e-3 --max-steps $RM_STEPS
           "${q[@]}")
-  done_ $OUT/rm_ai || $RL rm --data $OUT/ai_pairs.jsonl --out $OUT/rm_ai "${common[@]}"
-  done_ $OUT/rm_annotators || $RL rm --data $W/prefs.jsonl --max-rows $n --out $OUT/rm_annotators "${common[@]}"
+  done_ $OUT/rm_ai$s || $RL rm --data $OUT/ai_pairs$s.jsonl --out $OUT/rm_ai$s "${common[@]}"
+  done_ $OUT/rm_annotators$s || $RL rm --data $W/prefs.jsonl --max-rows $n --out $OUT/rm_annotators$s "${common[@]}"
 }
 
 rules() {

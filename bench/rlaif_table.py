@@ -20,15 +20,22 @@ def facets(path: Path) -> dict:
 
 
 def main(out: Path) -> None:
-    for name in ("rm_ai", "rm_annotators"):
-        summary = out / name / "summary.json"
-        if summary.is_file():
-            s = json.loads(summary.read_text())
-            print(f"{name:<14} gold accuracy {s.get('eval_gold_accuracy', float('nan')):.3f}  "
-                  f"label accuracy {s.get('eval_accuracy', float('nan')):.3f}  pairs {s.get('rows_used')}")
-    log = out / "ai_rank.log"
-    if log.is_file():
-        print(next((line for line in log.read_text().splitlines() if line.startswith("labeller:")), ""))
+    for combine in ("mean", "principles", "first"):   # `bench/rlaif.sh labels` with each COMBINE
+        suffix = "" if combine == "mean" else f"_{combine}"
+        gold = {}
+        for name in (f"rm_ai{suffix}", f"rm_annotators{suffix}"):
+            summary = out / name / "summary.json"
+            if summary.is_file():
+                s = json.loads(summary.read_text())
+                gold[name] = s.get("eval_gold_accuracy", float("nan"))
+                print(f"{name:<24} gold accuracy {gold[name]:.3f}  "
+                      f"label accuracy {s.get('eval_accuracy', float('nan')):.3f}  pairs {s.get('rows_used')}")
+        if len(gold) == 2:
+            print(f"--combine {combine}: RM on AI labels / RM on annotator labels = "
+                  f"{gold[f'rm_ai{suffix}'] / gold[f'rm_annotators{suffix}']:.2f}x")
+        log = out / f"ai_rank{suffix}.log"
+        if log.is_file():
+            print(next((line for line in log.read_text().splitlines() if line.startswith("labeller:")), ""))
     rules = out / "rules" / "summary.json"
     if rules.is_file():
         for rule, f in json.loads(rules.read_text())["per_rule"].items():

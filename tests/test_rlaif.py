@@ -116,6 +116,47 @@ def test_verdict_needs_both_orders_to_agree():
     assert ai_labeller.verdict(0.7, 0.7) == 0 and ai_labeller.verdict(0.3, 0.3) == 0
 
 
+class ReadsOnlyPoliteness:
+    """Picks the answer without an insult when asked about politeness; asked about any other
+    principle, it answers (A) with probability 0.95 whatever the answers say."""
+    name = "one-principle reader"
+
+    def choice_probs(self, conversations):
+        polite = load_constitution("toy").by_name("polite").text("principle", "en")
+        out = []
+        for conversation in conversations:
+            text = conversation[-1]["content"]
+            first = text.split("Answer (A):")[1].split("Answer (B):")[0]
+            out.append((0.1 if "stupid" in first else 0.9) if polite in text else 0.95)
+        return out
+
+
+def test_combining_principles_one_by_one_keeps_the_one_that_reads_the_answers():
+    # Averaged over the five principles, four position-biased ones drown the reader: ties.
+    mean = ai_labeller.label_rows(ROWS, ReadsOnlyPoliteness(), load_constitution("toy"))
+    assert [j["verdict"] for j in mean.judgments] == [0, 0, 0]
+    for combine in ("principles", "first"):
+        labels = ai_labeller.label_rows(ROWS, ReadsOnlyPoliteness(), load_constitution("toy"), combine=combine)
+        by_pair = {(j["i"], j["j"]): j for j in labels.judgments}
+        assert by_pair[(0, 1)]["verdict"] == -1 and by_pair[(0, 2)]["verdict"] == -1, combine
+        assert by_pair[(1, 2)]["verdict"] == 0, combine     # no principle told them apart
+        assert by_pair[(0, 1)]["confidence"] == pytest.approx(0.9)
+        assert by_pair[(0, 1)]["by_principle"]["polite"] == [0.1, 0.9]
+        assert by_pair[(0, 1)]["by_principle"]["harmless"] == [0.95, 0.95]
+
+
+def test_decide_rules_on_principles_that_disagree():
+    # harmless abstains (its orders disagree), language says j (margin 0.3), polite says i (0.4).
+    orders = [(0.9, 0.9), (0.2, 0.8), (0.9, 0.1)]
+    assert ai_labeller.decide(orders, "first") == (-1, pytest.approx(0.8))
+    assert ai_labeller.decide(orders, "principles") == (1, pytest.approx(0.55))
+    # Averaged: p_ab 0.67 and p_ba 0.6 both favour position A, a tie.
+    assert ai_labeller.decide(orders, "mean") == (0, pytest.approx(0.5 + 0.1 / 3))
+    assert ai_labeller.decide([(0.9, 0.9), (0.2, 0.2)], "principles") == (0, 0.5)
+    with pytest.raises(UsageError, match="--combine 'vote'"):
+        ai_labeller.decide(orders, "vote")
+
+
 def test_a_local_model_labeller_is_symmetric_under_swapping_the_answers(tiny_model):
     chat = ai_labeller.LocalChat(str(tiny_model("llama")), choose_placement("cpu", "fp32"))
     swapped = [{**ROWS[0], "responses": ROWS[0]["responses"][::-1]}]

@@ -6,9 +6,11 @@ each principle asked about, the labeller sees the pair in BOTH orders, because l
 favour a position (often the first): with p_ab = P("(A)" | i shown first) and p_ba = P("(A)" | j
 shown first), i wins when p_ab > 0.5 and p_ba < 0.5, j wins in the mirror case, and the pair is a
 TIE when the two orders disagree (the labeller picked a position, not an answer). Its confidence
-is (p_ab + 1 - p_ba) / 2 for i, averaged over the principles asked. A local model's probabilities
-come from the log-probs of the two replies; an endpoint's from its `logprobs` when it returns
-them, else from its greedy reply (probability 1 or 0, 0.5 when it answers neither).
+is (p_ab + 1 - p_ba) / 2 for i, averaged over the principles asked (`--combine mean`; `decide`
+also lets each principle decide alone and sums their margins, or takes the first that decides).
+A local model's probabilities come from the log-probs of the two replies; an endpoint's from its
+`logprobs` when it returns them, else from its greedy reply (probability 1 or 0, 0.5 when it
+answers neither).
 
 The same two chat backends (`chat_backend`) write answers, critiques and revisions for
 `rlhflab critique`.
@@ -159,15 +161,50 @@ def verdict(p_ab: float, p_ba: float) -> int:
     return 0
 
 
+COMBINE = ("mean", "principles", "first")   # how the principles asked about a pair make one verdict
+
+
+def decide(orders: list[tuple[float, float]], combine: str = "mean") -> tuple[int, float]:
+    """(verdict, confidence) of a pair from each principle's (p_ab, p_ba), in the constitution's order.
+
+    mean: the probabilities averaged over the principles, then `verdict`; confidence
+    (p_ab + 1 - p_ba) / 2 for the winner. The two others let each principle decide on its own
+    (both of its orders must agree, else it abstains), so that a principle that does not tell the
+    answers apart cannot outvote, by its position bias, one that does:
+    principles: the pair goes to the answer with the larger sum of the deciding principles'
+    margins (p_ab + 1 - p_ba) / 2 - 0.5; confidence 0.5 + |sum| / number deciding.
+    first: the constitution's order is its priority: the first principle that decides decides,
+    with its own confidence.
+    Both tie when no principle decides (or, for principles, when the margins cancel)."""
+    if combine == "mean":
+        p_ab, p_ba = sum(a for a, _ in orders) / len(orders), sum(b for _, b in orders) / len(orders)
+        p_i = (p_ab + 1 - p_ba) / 2
+        return verdict(p_ab, p_ba), max(p_i, 1 - p_i)
+    if combine not in COMBINE:
+        raise UsageError(f"--combine {combine!r}: expected one of {', '.join(COMBINE)}")
+    margins = [(a + 1 - b) / 2 - 0.5 for a, b in orders if verdict(a, b)]
+    if combine == "first":
+        margins = margins[:1]
+    total = sum(margins)
+    if not margins or total == 0:
+        return 0, 0.5
+    return (1 if total > 0 else -1), 0.5 + abs(total) / len(margins)
+
+
 @dataclass
 class Labels:
     scores: list[list[float]]                    # per row, per response: wins + half the ties
-    judgments: list[dict] = field(default_factory=list)   # {row, i, j, verdict, confidence, p_ab, p_ba}
+    judgments: list[dict] = field(default_factory=list)   # {row, i, j, verdict, confidence, p_ab, p_ba,
+    #                                                        by_principle: {name: [p_ab, p_ba]}}
 
 
-def label_rows(rows: list[dict], chat, constitution: Constitution, per_pair: int = 0, seed: int = 0) -> Labels:
+def label_rows(rows: list[dict], chat, constitution: Constitution, per_pair: int = 0, seed: int = 0,
+               combine: str = "mean") -> Labels:
     """Every pair of each row's responses, asked in both orders about `per_pair` principles drawn
-    per pair (0 = all of them); see the module docstring for the decision rule."""
+    per pair (0 = all of them), decided by `decide(..., combine)`; each judgment keeps every
+    principle's two probabilities (`by_principle`)."""
+    if combine not in COMBINE:   # before any question is asked
+        raise UsageError(f"--combine {combine!r}: expected one of {', '.join(COMBINE)}")
     rng = random.Random(f"labeller:{seed}")
     asks, conversations = [], []
     for r, row in enumerate(rows):
@@ -175,7 +212,8 @@ def label_rows(rows: list[dict], chat, constitution: Constitution, per_pair: int
         for i in range(n):
             for j in range(i + 1, n):
                 chosen = constitution.principles if not per_pair else \
-                    rng.sample(constitution.principles, min(per_pair, len(constitution.principles)))
+                    sorted(rng.sample(constitution.principles, min(per_pair, len(constitution.principles))),
+                           key=constitution.principles.index)   # in the constitution's order, for `first`
                 asks.append((r, i, j, [p.name for p in chosen]))
                 a, b = row["responses"][i], row["responses"][j]
                 for principle in chosen:
@@ -189,13 +227,14 @@ def label_rows(rows: list[dict], chat, constitution: Constitution, per_pair: int
     for r, i, j, names in asks:
         pairs = probs[at:at + 2 * len(names)]
         at += 2 * len(names)
-        p_ab, p_ba = sum(pairs[0::2]) / len(names), sum(pairs[1::2]) / len(names)
-        v = verdict(p_ab, p_ba)
+        orders = list(zip(pairs[0::2], pairs[1::2]))           # per principle: (p_ab, p_ba)
+        v, confidence = decide(orders, combine)
         scores[r][i] += (v == 1) + 0.5 * (v == 0)
         scores[r][j] += (v == -1) + 0.5 * (v == 0)
-        p_i = (p_ab + 1 - p_ba) / 2
+        p_ab, p_ba = sum(p for p, _ in orders) / len(names), sum(p for _, p in orders) / len(names)
         judgments.append({"row": r, "i": i, "j": j, "verdict": v, "principles": names,
-                          "confidence": round(max(p_i, 1 - p_i), 4), "p_ab": round(p_ab, 4), "p_ba": round(p_ba, 4)})
+                          "confidence": round(confidence, 4), "p_ab": round(p_ab, 4), "p_ba": round(p_ba, 4),
+                          "by_principle": {n: [round(a, 4), round(b, 4)] for n, (a, b) in zip(names, orders)}})
     return Labels(scores, judgments)
 
 

@@ -72,6 +72,9 @@ class RankConfig:
     seed: int = opt(0, "--by annotators: seed of their noise; AI labellers: seed of the principles drawn")
     constitution: str = opt("toy", "AI labellers: the constitution YAML file ('toy': the toy world's)")
     principles_per_pair: int = opt(0, "AI labellers: principles asked about per pair, drawn at random (0 = all)")
+    combine: str = opt("mean", "AI labellers: how the principles asked make one verdict: mean (of their "
+                               "probabilities), principles (each decides alone, their margins summed) or first "
+                               "(the first in the constitution's order that decides)", ("mean", "principles", "first"))
     ranked_input: bool = opt(False, "AI labellers: --data is already ranked best first (by people); report the "
                                     "labeller's agreement with that order")
     judgments: str | None = opt(None, "AI labellers: write every pair's judgment (both orders, confidence) here")
@@ -240,7 +243,7 @@ def ai_rank(rows: list[dict], config: RankConfig) -> int:
     rules = load_constitution(config.constitution)
     chat = ai_labeller.chat_backend(config.by, choose_placement(config.device, config.dtype),
                                     batch_size=config.batch_size)
-    labels = ai_labeller.label_rows(rows, chat, rules, config.principles_per_pair, config.seed)
+    labels = ai_labeller.label_rows(rows, chat, rules, config.principles_per_pair, config.seed, config.combine)
     if config.judgments:
         atomic_write_jsonl(config.judgments, labels.judgments)
     report = ai_labeller.agreement(rows, labels, config.ranked_input)
