@@ -12,6 +12,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import mfu
+
 NOTES = "<!-- Everything below this line is written by hand and kept when bench/run.py rewrites this file. -->"
 ROOT = str(Path(__file__).resolve().parent.parent) + "/"
 UNITS = {"tokens_per_s": "tokens/s", "pairs_per_s": "pairs/s", "seconds_per_step": "s/step",
@@ -84,19 +86,45 @@ def rows(results: dict) -> list[dict]:
                 parity = f"{'yes' if gap <= 0.05 else 'NO'} ({gap:.1%})"
             else:
                 parity = "n/a (RL: sampled rollouts differ)" if not workload["parity"] else "—"
+            shares = [side_mfu(results, workload, side, summary) for side, summary in
+                      ((workload["sides"][0], ours), (peer, theirs))]
             out.append({"workload": workload["name"], "model": workload["model"], "metric": UNITS[workload["metric"]],
                         "peer": peer, "ours": ours, "theirs": theirs, "ratio": r, "memory": memory,
-                        "target": target, "met": met, "parity": parity})
+                        "target": target, "met": met, "parity": parity, "mfu": shares})
     return out
 
 
+def side_mfu(results: dict, workload: dict, side: str, summary: dict) -> str:
+    """CPU MFU of one side (bench/mfu.py), as text; "—" when the run has no peak or token counts."""
+    peak = (results.get("peak") or {}).get("gflops")
+    got = mfu.mfu(workload["name"], side, workload["model"], workload["metric"], summary["metric"],
+                  summary["seconds_per_step"], results.get("work_stats") or {}, peak)
+    return "—" if got is None else f"{got['mfu']:.0%}"
+
+
+def mfu_note(results: dict) -> str:
+    peak = results.get("peak") or {}
+    if not peak.get("gflops"):
+        return f"CPU MFU: not measured ({peak.get('error', 'this run has no peak measurement')[:300]})."
+    return (f"CPU MFU: the model FLOPs each row's method needs per second (`bench/mfu.py` has the formula per "
+            f"stage: 6 per matmul parameter per trained token, 2 per scored or generated token, the LM head only "
+            f"where a loss or the sampler reads it, a shared prompt once) over the peak of this machine measured at "
+            f"the start of this run: a {peak['size']}x{peak['size']} fp32 matmul at {peak['threads']} thread(s), "
+            f"{peak['gflops']:.1f} GFLOP/s (median of {', '.join(f'{v:.1f}' for v in peak['runs'])}). Both sides of "
+            f"a row are counted with the same formula (work needed, not work done); the critic is the row's own "
+            f"design. Memory rows use the side's s/step."
+            + (f" Token counts of the data failed, so no row has one: {results['work_stats']['error'][-300:]}"
+               if "error" in (results.get("work_stats") or {}) else ""))
+
+
 def table(results: dict) -> str:
-    lines = ["| workload | model | metric | rlhflab | peer | peer value | ratio | target | met? | final loss rlhflab / peer | parity |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | model | metric | rlhflab | peer | peer value | ratio | target | met? | final loss rlhflab / peer "
+             "| parity | CPU MFU rlhflab / peer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows(results):
         if "pending" in row:
             lines.append(f"| {row['workload']} | {row['model']} | {row['metric']} | pending | — | — | — | — | — | — | "
-                         f"{row['pending']} |")
+                         f"{row['pending']} | — |")
             continue
         kind = "x memory" if row["memory"] else "x speed"
         target = "—" if row["target"] is None else (f"≤ {row['target']}x memory" if row["memory"]
@@ -107,7 +135,8 @@ def table(results: dict) -> str:
         lines.append(
             f"| {row['workload']} | {row['model']} | {row['metric']} | {fmt(row['ours']['metric'])} | {row['peer']} | "
             f"{fmt(row['theirs']['metric'])}{failed} | {ratio_text}{kind} | {target} | {met} | "
-            f"{fmt(row['ours']['final_loss'], 4)} / {fmt(row['theirs']['final_loss'], 4)} | {row['parity']} |")
+            f"{fmt(row['ours']['final_loss'], 4)} / {fmt(row['theirs']['final_loss'], 4)} | {row['parity']} | "
+            f"{row['mfu'][0]} / {row['mfu'][1]} |")
     return "\n".join(lines)
 
 
@@ -185,6 +214,8 @@ Versions:
 ## Results (CPU, fp32)
 
 {table(results)}
+
+{mfu_note(results)}
 
 Ratio: speed-up of rlhflab over the peer (tokens/s, pairs/s: rlhflab / peer; s/step: peer / rlhflab);
 for memory, rlhflab's peak RSS as a share of the peer's (lower is better). Final loss: mean of the

@@ -321,6 +321,8 @@ def run_workload(workload: Workload, repeats: int, env: dict, timeout: float) ->
         return record
     paths = build_fixtures(workload.needs, env)
     write_data_files(workload, paths)
+    record["files"] = {**{name: str(paths[name]) for name in workload.data},
+                       "prompts": str(paths["world"] / "prompts.jsonl")}  # for the MFU's token counts
     record["commit"] = commit()  # rlhflab may change under a long run: say what each workload measured
     for index in range(repeats):  # A B A B ...: drift on a shared machine hits every side alike
         for side in [workload.rlhflab, *workload.peers]:
@@ -340,6 +342,26 @@ def gpu_section(env: dict, timeout: float) -> dict:
         return {"measured": True, **json.loads(done.stdout.strip().splitlines()[-1])}
     except (IndexError, json.JSONDecodeError):
         return {"measured": False, "reason": f"gpu.py failed: {done.stderr[-1500:]}"}
+
+
+def mfu_inputs(what: list[str], env: dict) -> dict:
+    """bench/mfu.py run with the suite's environment (its thread count): the fp32 matmul peak
+    (`["peak"]`) or the data's token counts (`["stats", ...]`); {"error": ...} if it fails."""
+    done = subprocess.run([sys.executable, str(BENCH / "mfu.py"), *what], env=env, capture_output=True, text=True)
+    try:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": f"bench/mfu.py {what[0]} failed: {done.stderr[-800:]}"}
+
+
+def work_stats(records: list[dict], env: dict) -> dict:
+    """Token counts of the files the workloads read (the MFU's work per token, pair or step)."""
+    files = {}
+    for record in records:
+        files.update(record.get("files", {}))
+    options = {"sft_train": "--sft", "rm_train": "--rm", "dpo_train": "--dpo", "prompts": "--prompts"}
+    argv = [arg for name, path in files.items() if name in options for arg in (options[name], path)]
+    return mfu_inputs(["stats", *argv], env) if argv else {}
 
 
 def commit() -> str:
@@ -394,8 +416,10 @@ def main() -> None:
     started = time.perf_counter()
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
                "repeats": repeats, "threads": args.threads, "machine": machine(), "workloads": []}
+    results["peak"] = mfu_inputs(["peak", "--runs", "3"], env)  # fp32 matmul, the rows' thread count
     for workload in chosen:
         results["workloads"].append(run_workload(workload, repeats, env, args.timeout))
+    results["work_stats"] = work_stats(results["workloads"], env)
     results["gpu"] = {"measured": False, "reason": "skipped (--no-gpu)"} if args.no_gpu else gpu_section(env, args.timeout)
     results["suite_s"] = time.perf_counter() - started
     results["machine"]["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
