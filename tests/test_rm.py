@@ -72,6 +72,19 @@ def test_harden_adds_degenerate_rejected_answers(tiny_model):
     ranking = as_pairs([{"seqs": [[1], [2], [3], [4]], "n_real": 3}])
     assert ranking == [([1], [2], [[4]]), ([1], [3], []), ([2], [3], [])], "a ranking's first pair carries them"
     assert len({tuple(row["seqs"][-1]) for row in some}) == 3, "the kinds rotate over the prompts"
+    only, _ = encode_pair_rows(records[:3], tok, 128, harden=True, harden_kinds=0, kinds=("empty", "ramble"))
+    assert [len(bad) for _, _, bad in as_pairs(only)] == [2, 2, 2]
+    assert all(a["seqs"][-2] == b["seqs"][2] for a, b in zip(only, hard)), "the empty answer, as --harden adds it"
+
+
+def test_harden_only_names_unknown_kinds():
+    from rlhflab.errors import UsageError
+    from rlhflab.rewards.degenerate import KINDS
+    from rlhflab.train.rm import harden_kinds_of
+
+    assert harden_kinds_of("") == KINDS and harden_kinds_of(" empty, eos_only,empty") == ("empty", "eos_only")
+    with pytest.raises(UsageError, match="'blank'"):
+        harden_kinds_of("empty,blank")
 
 
 @pytest.mark.parametrize("loss", ["ranking", "pairwise"])

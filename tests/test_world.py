@@ -566,3 +566,15 @@ def test_an_out_that_is_a_file_is_refused(command, tmp_path, capsys):
     assert main([*command, "--out", str(tmp_path / "afile")]) == 2
     assert "a file; expected a directory" in capsys.readouterr().err
     assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_default_world_ranks_more_prompts_and_rankings_overrides(tmp_path):
+    habits, shared = demonstrator.WORLDS["default"]
+    options = dict(seed=0, size="small", habit_rate=0.6, habits=habits, shared_content=shared)
+    more = world.export(tmp_path / "d", **options)["counts"]
+    assert more["rankings.jsonl"] == 4 * world.export(tmp_path / "h", seed=0, size="small")["counts"]["rankings.jsonl"]
+    assert world.export(tmp_path / "n", rankings=30, **options)["counts"]["rankings.jsonl"] == 30
+    for name in ("sft.jsonl", "corpus.txt", "prompts.jsonl", "eval_prompts.jsonl"):   # only the rankings change
+        assert (tmp_path / "d" / name).read_bytes() == (tmp_path / "n" / name).read_bytes(), name
+    with pytest.raises(ValueError, match="rankings"):
+        world.export(tmp_path / "z", rankings=0, **options)

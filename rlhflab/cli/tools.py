@@ -40,7 +40,8 @@ def tokenizer_train(config) -> int:
 
 
 def world_export(config) -> int:
-    """`rlhflab world export --out DIR [--seed S] [--size small|default] [--habit-rate H]`."""
+    """`rlhflab world export --out DIR [--seed S] [--size small|default] [--world W] [--habit-rate H]
+    [--rankings N]`; the default world ranks more prompts (shared_content)."""
 
     if not config.out:
         raise UsageError("give --out (the directory to write the world's files into)")
@@ -56,7 +57,7 @@ def world_export(config) -> int:
         except ValueError as exc:
             raise UsageError(f"--habits: {exc}") from None
     result = export(config.out, seed=config.seed, size=config.size, habit_rate=config.habit_rate, habits=habits,
-                    shared_content=shared_content)
+                    shared_content=shared_content, rankings=config.rankings or None)
     if constitution is not None:
         try:
             rows = feedback_rows(constitution, result["counts"]["sft.jsonl"], config.seed)

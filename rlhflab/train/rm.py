@@ -21,6 +21,7 @@ from rlhflab import losses
 from rlhflab.config import DataOptions, ModelOptions, TrainOptions, opt
 from rlhflab.data.template import encode_chat
 from rlhflab.errors import UsageError
+from rlhflab.rewards.degenerate import KINDS as DEGENERATE_KINDS
 from rlhflab.rewards.degenerate import degenerate_answers
 from rlhflab.rewards.model import build_reward_model, can_share_prompt, save_reward_model, score_groups
 from rlhflab.train import rules_rm, skeleton
@@ -38,6 +39,8 @@ class RMConfig(ModelOptions, DataOptions, TrainOptions):
     harden: bool = opt(False, "add degenerate answers (empty, repeated, filler ...) as extra rejected responses")
     harden_weight: float = opt(1.0, "--harden: weight of the (best, degenerate) pairs' mean loss beside the real comparisons'")
     harden_kinds: int = opt(3, "--harden: degenerate answers added per prompt, rotating over all kinds (0 = all)")
+    harden_only: str = opt("", "--harden: use only these kinds of degenerate answer, comma-separated, from "
+                               + ", ".join(DEGENERATE_KINDS) + " (default: all)")
     batch_size: int = opt(8, "pairs (pairwise) or prompts (ranking) per micro-batch, counted over all processes")
     lr: float = opt(1e-4, "peak learning rate")
     max_length: int = opt(256, "longest prompt + response in tokens (longer ones keep their end, "
@@ -49,18 +52,28 @@ class RMConfig(ModelOptions, DataOptions, TrainOptions):
                                    "(checked at the start; models that cannot take a 4D attention mask fall back)")
 
 
-def encode_pair_rows(records, tokenizer, max_length: int, harden: bool, harden_kinds: int = 0) -> tuple[list[dict], int]:
+def harden_kinds_of(only: str) -> tuple[str, ...]:
+    """The degenerate kinds named in --harden-only (all of them when empty)."""
+    names = tuple(dict.fromkeys(name.strip() for name in only.split(",") if name.strip()))
+    unknown = [name for name in names if name not in DEGENERATE_KINDS]
+    if unknown:
+        raise UsageError(f"--harden-only: unknown kind {unknown[0]!r}; expected some of {', '.join(DEGENERATE_KINDS)}")
+    return names or DEGENERATE_KINDS
+
+
+def encode_pair_rows(records, tokenizer, max_length: int, harden: bool, harden_kinds: int = 0,
+                     kinds: tuple[str, ...] = DEGENERATE_KINDS) -> tuple[list[dict], int]:
     """Each record -> {"seqs": [ids best first], "gold": [...] or None}; returns (rows, truncated).
 
     Hardening adds `harden_kinds` degenerate answers per prompt (0 = every kind), rotating through
-    the kinds so that each is used equally often over the data.
+    `kinds` so that each is used equally often over the data.
     """
 
     rows, truncated = [], 0
     for index, record in enumerate(records):
         responses = list(record.responses)
         if harden:
-            bad = list(degenerate_answers(record.messages, tokenizer).values())
+            bad = [text for kind, text in degenerate_answers(record.messages, tokenizer).items() if kind in kinds]
             if 0 < harden_kinds < len(bad):
                 bad = [bad[(index * harden_kinds + j) % len(bad)] for j in range(harden_kinds)]
             responses += bad
@@ -173,6 +186,7 @@ def run(config: RMConfig) -> dict:
     # Load.
     if not config.data:
         raise UsageError("give --data (preference pairs or rankings)")
+    kinds = harden_kinds_of(config.harden_only)
     records, eval_records, stats = skeleton.load_preferences(config)
     setup = skeleton.prepare_stage(config)
     model, tokenizer, info = build_reward_model(config, setup.placement)
@@ -186,7 +200,7 @@ def run(config: RMConfig) -> dict:
         print("note: this model does not score packed rows exactly as single ones (4D attention mask); "
               "each response runs with its own copy of the prompt", file=sys.stderr)
     train_rows, truncated = encode_pair_rows(records, tokenizer, config.max_length, config.harden,
-                                               config.harden_kinds)
+                                               config.harden_kinds, kinds)
     eval_rows, _ = encode_pair_rows(eval_records, tokenizer, config.max_length, harden=False)
     items = as_pairs(train_rows) if config.loss == "pairwise" else train_rows
 

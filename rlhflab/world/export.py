@@ -48,6 +48,10 @@ SIZES = {
     "default": {"sft": 3000, "rankings": 1500, "rl": 1000, "eval": 200},
     "small": {"sft": 200, "rankings": 100, "rl": 100, "eval": 50},
 }
+# The default world (candidates sharing their content) ranks four times as many prompts: its
+# labellers judge behaviour, and a habit such as filler costs little gold (0.15), so people prefer
+# the plain answer only ~61% of the time; a reward model needs many such comparisons to learn it.
+SHARED_CONTENT_RANKINGS = 4
 PROBE_FAMILIES = ("arithmetic", "capital", "translate", "identity", "harmful", "words",
                   "followup", "smalltalk")
 _PROBE_ZH_ORDER = (1, 3, 5, 7, 0, 2, 4, 6)
@@ -99,8 +103,11 @@ def probe_prompts(lang_mix: float = 0.5) -> list[dict]:
 def export(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
            agreement: float = DEFAULT_AGREEMENT, k: int = 4,
            habit_rate: float = demonstrator.HABIT_RATE,
-           habits: tuple[str, ...] = demonstrator.CLASSIC_HABITS, shared_content: bool = False) -> dict:
-    """Write all world files to `out_dir`; return {"paths", "counts", "stats", "seconds"}."""
+           habits: tuple[str, ...] = demonstrator.CLASSIC_HABITS, shared_content: bool = False,
+           rankings: int | None = None) -> dict:
+    """Write all world files to `out_dir`; return {"paths", "counts", "stats", "seconds"}.
+    `rankings`: ranked prompts (default: the size's, times SHARED_CONTENT_RANKINGS with
+    `shared_content`)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     if not 0.0 <= habit_rate <= 1.0:
@@ -109,7 +116,11 @@ def export(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = SIZES[size]
-    prefs = build_preferences(tasks.make_prompts("train", n["rankings"], seed=f"{seed}:prefs"),
+    if rankings is None:
+        rankings = n["rankings"] * (SHARED_CONTENT_RANKINGS if shared_content else 1)
+    if rankings < 1:
+        raise ValueError(f"rankings must be at least 1, got {rankings}")
+    prefs = build_preferences(tasks.make_prompts("train", rankings, seed=f"{seed}:prefs"),
                               seed=seed, k=k, agreement=agreement, habit_rate=habit_rate, habits=habits,
                               shared_content=shared_content)
     contents = {
