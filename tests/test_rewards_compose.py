@@ -38,7 +38,7 @@ def explodes(prompts, completions, **kwargs):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    assert main(["world", "export", "--out", str(out), "--size", "small", "--habit-rate", "0.6"]) == 0
+    assert main(["world", "export", "--out", str(out), "--size", "small", "--habit-rate", "0.6", "--rankings", "100"]) == 0
     return out
 
 

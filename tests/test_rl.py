@@ -107,9 +107,6 @@ def test_alarm_fires_when_reward_rises_and_gold_falls():
     falling = [g - (0.2 if i >= 3 else 0.0) for i, g in enumerate(wobble)]
     loud = Alarm(window=3)
     assert [loud.update(reward=0.1 * i, gold=g) for i, g in enumerate(falling)][-1]
-    # a reward that only wobbles while gold falls is no sign of the reward being gamed
-    flat = [1.0, 1.2, 0.9, 1.1, 0.95, 1.15]
-    assert not any(Alarm(window=3).update(reward=r, gold=g) for r, g in zip(flat, falling))
 
 
 def test_bad_options_are_named(sft_and_rm, cli):

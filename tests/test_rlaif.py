@@ -20,7 +20,7 @@ from rlhflab.world.rules import RULES, rule_flags
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
     assert main(["world", "export", "--out", str(out), "--size", "small", "--habit-rate", "0.6",
-                 "--constitution", "toy"]) == 0
+                 "--rankings", "100", "--constitution", "toy"]) == 0
     return out
 
 

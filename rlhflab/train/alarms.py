@@ -87,18 +87,10 @@ class Alarm:
         reward_gain = sum(self.rewards[-w:]) / w - sum(self.rewards[-2 * w:-w]) / w
         before, now = self.golds[-2 * w:-w], self.golds[-w:]
         gold_gain = sum(now) / w - sum(before) / w
-        # The step means of a few dozen sampled answers are noisy, and the test is repeated at every
-        # step: a rise or a fall counts when it is larger than twice the standard error of the
-        # difference of the two windows' means, estimated from each window's own spread, and a fall also
-        # when larger than MIN_GOLD_FALL. (Counting any rise of the reward, however small, raised one to
-        # four alarms in most runs of the quickstart on dips the gold score recovered from.)
-        if (reward_gain > 2 * _standard_error(self.rewards[-2 * w:-w], self.rewards[-w:])
-                and gold_gain < -max(self.MIN_GOLD_FALL, 2 * _standard_error(before, now))):
+        # The step means of a few dozen sampled answers are noisy: a fall counts when it is larger than
+        # MIN_GOLD_FALL and than twice the standard error of the difference of the two windows' means,
+        # estimated from each window's own spread (a steady trend does not inflate it).
+        spread = math.sqrt((statistics.pvariance(before) + statistics.pvariance(now)) / 2)
+        if reward_gain > 0 and gold_gain < -max(self.MIN_GOLD_FALL, 2 * spread * math.sqrt(2 / w)):
             return f"reward rose by {reward_gain:.3f} while the gold score fell by {-gold_gain:.3f} (possible reward hacking)"
         return None
-
-
-def _standard_error(before: list[float], now: list[float]) -> float:
-    """Standard error of mean(now) - mean(before), from the two windows' own spread."""
-    spread = math.sqrt((statistics.pvariance(before) + statistics.pvariance(now)) / 2)
-    return spread * math.sqrt(2 / len(now))
