@@ -443,7 +443,7 @@ class WorldExportConfig:
                                          "comparisons under this constitution ('toy', or a file using its principle "
                                          "names), to train the toy world's feedback model (docs/rlaif.md)")
     rankings: int = opt(0, "ranked prompts in rankings.jsonl (and so prefs.jsonl, rules.jsonl); 0 = the world's "
-                           "own: 6000 for the default world, 1500 for the others (100 / 400 at --size small)")
+                           "own: 6000 for the default world, 1500 for the others (400 and 100 at --size small)")
 
 
 @dataclass
