@@ -152,7 +152,7 @@ def test_the_packaged_recipe_runs_by_name_with_a_preset_and_settings(capsys):
                  "--set", "world=habits", "--out", "somewhere", "--dry-run"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in printed] == ["world", "tokenizer", "pretrain", "sft", "rm", "rm", "ppo", "dpo"]
-    assert "--size small --seed 3 --world habits --habit-rate 0.3 --out somewhere/world" in printed[0]
+    assert "--size small --seed 3 --world habits --habit-rate 0.3 --rankings 0 --out somewhere/world" in printed[0]
     assert all("--seed 3" in line for line in printed[2:] if " audit " not in line)
     assert "--max-steps 30" in printed[3] and "--resume auto" in printed[3]
     assert main(["run", "toy-wrld", "--dry-run"]) == 2
