@@ -49,6 +49,10 @@ def test_min_new_tokens_suppresses_an_eager_stop(tiny_model):
                                                            stop_token_ids=tuple(stop)))
     assert (guarded.response_lengths() >= 3).all()
     assert all(t not in stop for t in guarded.response_ids[0, :3].tolist())
+    # the guard a policy was trained under, in its generation config, holds when nobody asks for it
+    model.generation_config.min_new_tokens = 2
+    kept = generate(model, tok, prompts, SamplingParams(max_new_tokens=6, do_sample=False, stop_token_ids=tuple(stop)))
+    assert (kept.response_lengths() >= 2).all() and all(kept.texts)
 
 
 def test_max_length_cut_and_masks(tiny_model):

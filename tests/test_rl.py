@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 
 import pytest
 import torch
@@ -109,6 +110,31 @@ def test_alarm_fires_when_reward_rises_and_gold_falls():
     assert [loud.update(reward=0.1 * i, gold=g) for i, g in enumerate(falling)][-1]
 
 
+def test_the_gold_alarm_does_not_cry_wolf_on_a_long_noisy_run():
+    """Eighty steps of a rising reward and a gold score that only wobbles (step means of a few dozen
+    answers): checked every step, a two-standard-error rule fires on most such runs; this one must not."""
+    rng = random.Random(0)
+    for _ in range(10):
+        alarm = Alarm(window=5)
+        golds = [0.45 + 0.001 * i + rng.gauss(0, 0.035) for i in range(80)]
+        assert not [m for i, g in enumerate(golds) if (m := alarm.update(reward=3.0 + 0.01 * i, gold=g))]
+    # a real fall of 0.15 in the middle of the same noise is caught, once
+    alarm, golds = Alarm(window=5), [0.5 + rng.gauss(0, 0.035) - (0.15 if i >= 40 else 0.0) for i in range(80)]
+    messages = [m for i, g in enumerate(golds) if (m := alarm.update(reward=3.0 + 0.01 * i, gold=g))]
+    assert len(messages) == 1 and "gold score fell" in messages[0]
+
+
+def test_the_shrinking_answers_alarm():
+    alarm = Alarm(window=2)
+    lengths = [30, 34, 28, 25, 20, 15, 12, 10]
+    messages = [alarm.update(reward=0.1 * i, gold=None, length=n) for i, n in enumerate(lengths)]
+    fired = [m for m in messages if m]
+    assert len(fired) == 1 and "answers shrank from 32.0 to 13.5 tokens" in fired[0] and messages[6] == fired[0]
+    # the same shrinking with a falling reward is the policy's own business, not the reward model's
+    falling = Alarm(window=2)
+    assert not any(falling.update(reward=-0.1 * i, gold=None, length=n) for i, n in enumerate(lengths))
+
+
 def test_bad_options_are_named(sft_and_rm, cli):
     sft, rm = sft_and_rm
     result = cli("ppo", "--policy", sft, "--reward", rm, "--prompts", SAMPLES / "prompts.jsonl", "--estimator", "grpo")
@@ -146,6 +172,9 @@ def test_seed_001_collapse_to_empty_answers_and_the_eos_guard(tiny_model, tmp_pa
             "--estimator", "rloo", "--n-samples", 4, "--rollout-prompts", 8, "--mini-batch", 16,
             "--missing-eos-penalty", 10, "--probe-every", 0)
         runs[guard] = read_metrics(out / "metrics.jsonl")
+        # the guard is saved with the policy, so that decoding it later keeps EOS away from the start too
+        saved = json.loads((out / "generation_config.json").read_text()).get("min_new_tokens")
+        assert saved == (1 if guard == "1" else None), saved
 
     def mean(rows, key):
         return sum(r[key] for r in rows) / len(rows)

@@ -99,6 +99,15 @@ def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return logits
 
 
+def trained_min_new_tokens(model) -> int:
+    """The EOS guard a policy was trained under (PPO writes its --min-new-tokens into the model's
+    generation config): it is kept when the model is decoded later, since the policy never learned
+    what follows an EOS it was never allowed to sample there."""
+
+    generation = getattr(model, "generation_config", None)
+    return int(getattr(generation, "min_new_tokens", None) or 0)
+
+
 @torch.no_grad()
 def _generate_chunk(model, tokenizer, prompts, params, step, prompt_texts, offset, on_text, on_row=None) -> Generation:
     device = next(model.parameters()).device
@@ -112,6 +121,7 @@ def _generate_chunk(model, tokenizer, prompts, params, step, prompt_texts, offse
     if params.seed is not None and not greedy:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     use_positions = _accepts_position_ids(model)
+    min_new_tokens = max(params.min_new_tokens, trained_min_new_tokens(model))
 
     attention = prompt_mask.clone()
     tokens = torch.empty((batch, 0), dtype=torch.long, device=device)
@@ -137,7 +147,7 @@ def _generate_chunk(model, tokenizer, prompts, params, step, prompt_texts, offse
             seen = logits.gather(1, tokens)
             seen = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
             logits = logits.scatter(1, tokens, seen)
-        if position < params.min_new_tokens and stops.numel():
+        if position < min_new_tokens and stops.numel():
             logits[:, stops] = float("-inf")
         if greedy:
             next_token = logits.argmax(-1)

@@ -5,7 +5,8 @@ How this departs from the papers, and why:
 - The collapse of a published run (an RM that liked empty answers) is guarded in two places: generation can
   suppress EOS for the first --min-new-tokens tokens, and the monitors log the empty-answer rate,
   response length and (on toy-world prompts) the gold score every step, with an alarm when the
-  reward rises while the gold score falls, and one when the share of empty answers rises (alarms.py).
+  reward rises while the gold score falls, one when the share of empty answers rises and one when
+  the answers shrink to half their length (alarms.py).
 - The KL to the reference is a per-token reward penalty (Ziegler et al. 2019, InstructGPT) for
   gae/rloo/reinforce++, and a k3 loss term for grpo (Shao et al. 2024), unless --kl-mode says
   otherwise; log-ratios are clamped and computed in fp32.
@@ -447,7 +448,7 @@ def run(config: RLConfig) -> dict:
     history = list(setup.state.get("history", []))
     alarms = list(setup.state.get("alarms", []))
     for past in history:
-        alarm.update(past["reward"], past.get("gold"), past.get("empty_rate"))
+        alarm.update(past["reward"], past.get("gold"), past.get("empty_rate"), past.get("response_len"))
 
     # Loop.
     timer = runs.Timer()
@@ -481,7 +482,7 @@ def run(config: RLConfig) -> dict:
         gold_score = row.get("gold")
         kl_ctl.update(row["kl_k1"], row["rollouts"])
         row["step_time_s"] = time.perf_counter() - started
-        message = alarm.update(row["reward"], gold_score, row.get("empty_rate"))
+        message = alarm.update(row["reward"], gold_score, row.get("empty_rate"), row.get("response_len"))
         if message:
             row["alarm"] = message
             alarms.append({"step": step, "message": message})
@@ -502,6 +503,10 @@ def run(config: RLConfig) -> dict:
 
     # Save.
     if accelerator.is_main_process:
+        # The guard travels with the model: it was trained never to meet EOS in its first tokens, so
+        # decoded without the guard it may end there (generation_config.json; HF generate honours it too).
+        if config.min_new_tokens > 0:
+            roles_module.lm.generation_config.min_new_tokens = config.min_new_tokens
         save_policy(roles_module, tokenizer, setup.out, info)
     tail = history[-max(1, len(history) // 5):]
     summary = {"stage": config.stage, "estimator": config.estimator, "shared_prompt": roles_module.pack_group > 1,
