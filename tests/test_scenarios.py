@@ -34,9 +34,11 @@ FACTS = {
 def test_the_verdict_is_written_from_the_figures():
     good = verdict(FACTS)
     assert "ppo +0.150 (0.750)" in good and "dpo +0.040" in good and "ppo gained the most, clearing" in good
-    assert "rm (which ppo learned from)" in good and "90% of pairs: good enough" in good
+    assert "rm (which ppo learned from)" in good and "90.0% of pairs: good enough" in good
     assert "no degenerate answer" in good and "No alarm fired during ppo" in good
     assert "stayed near SFT's for ppo, dpo" in good
+    short = verdict({**FACTS, "stages": {**FACTS["stages"], "rm": {"eval_gold_accuracy": 0.847}}})
+    assert "84.7% of pairs: below the 85% that counts as good enough" in short
 
     worse = copy.deepcopy(FACTS)
     worse["models"]["ppo"] = figures(0.20, chars=2.0, empty=0.7)

@@ -76,7 +76,8 @@ def reward_model_sentences(facts: dict) -> list[str]:
                 judged = f"below the {RM_GOOD:.0%} that counts as good enough"
             else:
                 judged = "good enough"
-            text = f"{who} ranks held-out answers as the clean gold order does on {accuracy:.0%} of pairs: {judged}"
+            # one decimal: 84.7% must not read as the 85% it falls short of
+            text = f"{who} ranks held-out answers as the clean gold order does on {accuracy:.1%} of pairs: {judged}"
         else:
             text = f"{who} has no accuracy against the gold order"
         audit = audits.get(name)
