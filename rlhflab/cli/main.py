@@ -15,7 +15,7 @@ import warnings
 
 from rlhflab import config as cfg
 from rlhflab.errors import NonFiniteError, UsageError
-from rlhflab.runs import release_outputs
+from rlhflab.runs import release_outputs, restart_for_memory_reuse
 
 # command -> (config class path, function path, one-line description)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -48,6 +48,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "label export": ("rlhflab.feedback.label_commands:LabelExportConfig", "rlhflab.feedback.label_commands:export_command", "write labels as rankings, pairs and rule flags"),
     "label simulate": ("rlhflab.feedback.label_simulate:SimulateConfig", "rlhflab.feedback.label_simulate:simulate_command", "label a running server with the toy world's simulated annotators"),
 }
+
+# Commands that start again under glibc settings that reuse freed tensor memory: measured on PPO
+# (peak RSS down by a fifth, no slower); not yet shown to cost nothing elsewhere.
+REUSE_MEMORY = {"ppo"}
 
 # Commands whose first bare argument is an option's value: `rlhflab chat runs/quickstart`.
 POSITIONAL = {"chat": "--model", "report": "--run-dir", "run": "--pipeline", "serve": "--model",
@@ -185,11 +189,14 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     # peft asks transformers for a deprecated attribute on every adapter load; the notice is not the user's to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    process_entry = argv is None   # the command line, not a call from Python code
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
     command, rest = argv[0], argv[1:]
+    if process_entry and command in REUSE_MEMORY:   # before torch loads (runs.memory_reuse_environment)
+        restart_for_memory_reuse()
     # Sub-sub-commands (`rlhflab world export`, `rlhflab rm audit`) are registered as "world export".
     if rest and f"{command} {rest[0]}" in COMMANDS:
         command, rest = f"{command} {rest[0]}", rest[1:]
