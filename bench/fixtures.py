@@ -33,6 +33,8 @@ CHAT_TEMPLATE = (
 # name -> Llama shape; vocab 4096 comes from the tokenizer. Untied embeddings, as in Llama.
 MODELS = {
     "llama-6m": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+    # ~25M, the middle size of the scaling curves (bench/scaling.py)
+    "llama-25m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8),
     "llama-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
     # ~0.5B, for the GPU section only (bench/gpu.py)
     "llama-500m": dict(hidden_size=1152, intermediate_size=4608, num_hidden_layers=24, num_attention_heads=18),

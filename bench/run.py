@@ -233,19 +233,24 @@ def rlhflab_figures(out: Path) -> dict:
     return figures
 
 
-def peer_figures(log: Path) -> dict:
-    """The peer's one JSON line (the last line of its output that parses as a JSON object)."""
+def result_line(log: Path) -> dict:
+    """A peer's one JSON line, whole (the last line of its output that parses as a JSON object)."""
     for line in reversed(log.read_text(errors="replace").splitlines()):
         if line.startswith("{") and line.endswith("}"):
             try:
-                figures = json.loads(line)
+                return json.loads(line)
             except json.JSONDecodeError:
                 continue
-            figures["own_peak_rss_mib"] = figures.pop("peak_rss_mib", None)
-            figures.pop("losses", None)
-            figures.pop("step_times", None)
-            return figures
     raise ValueError(f"no JSON result line in {log}")
+
+
+def peer_figures(log: Path) -> dict:
+    """The peer's figures for the table: its JSON line less the per-step lists."""
+    figures = result_line(log)
+    figures["own_peak_rss_mib"] = figures.pop("peak_rss_mib", None)
+    figures.pop("losses", None)
+    figures.pop("step_times", None)
+    return figures
 
 
 def run_side(workload: Workload, side: Side, index: int, paths: dict, env: dict, timeout: float) -> dict:

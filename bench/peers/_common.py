@@ -43,7 +43,8 @@ def report(**figures) -> None:
 
 
 def trainer_callback():
-    """A transformers TrainerCallback that times train begin -> end and keeps every logged loss."""
+    """A transformers TrainerCallback that times train begin -> end, each optimizer step (from the
+    previous step's end, so a step's data loading counts in it) and keeps every logged loss."""
     from transformers import TrainerCallback
 
     class Timing(TrainerCallback):
@@ -51,9 +52,13 @@ def trainer_callback():
             self.begin = self.end = None
             self.losses: list[float] = []
             self.logs: list[dict] = []
+            self.step_ends: list[float] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_ends.append(time.perf_counter())
 
         def on_train_end(self, args, state, control, **kwargs):
             self.end = time.perf_counter()
@@ -66,6 +71,12 @@ def trainer_callback():
         @property
         def seconds(self) -> float:
             return self.end - self.begin
+
+        @property
+        def step_times(self) -> list[float]:
+            """Seconds of each optimizer step, the first from train begin."""
+            ends = [self.begin, *self.step_ends]
+            return [b - a for a, b in zip(ends, ends[1:])]
 
         @property
         def load_s(self) -> float:

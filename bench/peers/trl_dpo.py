@@ -59,7 +59,7 @@ def main() -> None:
            steps=trainer.state.global_step, train_time_s=timing.seconds, reference_time_s=reference_s[0],
            load_s=load_s, pairs_per_s=pairs / (timing.seconds + reference_s[0]),
            loop_pairs_per_s=pairs / timing.seconds, train_pairs=pairs, final_loss=tail_mean(timing.losses),
-           losses=timing.losses)
+           losses=timing.losses, step_times=timing.step_times)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def main() -> None:
     tokens = trainer._total_train_tokens  # real (attention-mask) tokens, as rlhflab counts them
     report(peer="trl", version=__import__("trl").__version__, steps=trainer.state.global_step,
            train_time_s=timing.seconds, load_s=timing.load_s, tokens_per_s=tokens / timing.seconds,
-           train_tokens=int(tokens), final_loss=tail_mean(timing.losses), losses=timing.losses)
+           train_tokens=int(tokens), final_loss=tail_mean(timing.losses), losses=timing.losses,
+           step_times=timing.step_times)
 
 
 if __name__ == "__main__":
