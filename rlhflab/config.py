@@ -127,6 +127,11 @@ class Renamed:
 # ---------------------------------------------------------------------------------------------
 # Shared option groups (plain dataclass inheritance; each stage adds its own fields).
 
+# --compile, in the training stages and the commands that generate (models/compiled.py).
+COMPILE_HELP = ("compile the model's transformer blocks with torch.compile (on the CPU: needs a C++ compiler); a "
+                "model that cannot compile runs uncompiled, with a note. auto: only where it was measured faster "
+                "(docs/scale-out.md)")
+
 
 @dataclass
 class ModelOptions:
@@ -204,8 +209,10 @@ class TrainOptions:
         False, "recompute each layer's activations in the backward pass: far less memory, about a third more compute"
     )
     release_memory: bool = opt(
-        False, "give freed memory back to the system at once (Linux/glibc): lower peak RSS on the CPU, slower steps"
+        False, "give freed memory back to the system at once (Linux/glibc): a lower peak RSS on the CPU than the "
+               "default's reuse of freed memory, slower steps"
     )
+    compile: str = opt("auto", COMPILE_HELP, ("false", "true", "auto"))
     group_by_length: bool = opt(True, "batch rows of similar length together to cut padding")
     log_every: int = opt(10, "log metrics every N optimizer steps")
     eval_every: int = opt(0, "evaluate every N steps (0 = only at the end)")
@@ -306,7 +313,7 @@ def convert(cls, name: str, value, where: str):
             return int(value)
         if tp is float:
             return float(value)
-        return str(value)
+        return str(value).lower() if isinstance(value, bool) else str(value)   # YAML's true/false
     except (TypeError, ValueError):
         raise UsageError(
             f"{flag} ({where}): expected {tp.__name__}, got {value!r}"

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from rlhflab.config import Renamed, opt
+from rlhflab.config import COMPILE_HELP, Renamed, opt
 from rlhflab.data.formats import load_prompts
 from rlhflab.data.template import stop_token_ids
 from rlhflab.errors import UsageError
 from rlhflab.feedback.preferences import sample_responses
 from rlhflab.infer.engine import SamplingParams, generate_text, greedy_answers
+from rlhflab.models.compiled import GENERATE, compile_model
 from rlhflab.models.loading import _check_source, choose_placement, load_causal_lm, load_tokenizer
 from rlhflab.rewards import compose
 from rlhflab.rewards.model import is_reward_model, load_reward_model, score_texts
@@ -61,6 +62,7 @@ class EvalConfig:
     trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
     device: str = opt("auto", "where to run", ("auto", "cpu", "cuda"))
     dtype: str = opt("auto", "weights dtype", ("auto", "fp32", "bf16", "fp16"))
+    compile: str = opt("auto", COMPILE_HELP, ("false", "true", "auto"))
 
     def check(self):
         if not self.model:
@@ -182,6 +184,7 @@ def evaluate_models(models: dict[str, str], records, config, answers_dir: Path |
     for name, path in everyone.items():
         print(f"eval: {name} ({path})", file=sys.stderr)
         model = load_causal_lm(path, placement, config.trust_remote_code).eval()
+        compile_model(model, config.compile, GENERATE, f"model {name}", train=False, generates=True)
         tokenizer = load_tokenizer(path, config.trust_remote_code)
         rows = greedy_answers(model, tokenizer, records, config.max_new_tokens, config.batch_size)
         texts[name] = [row["response"] for row in rows]

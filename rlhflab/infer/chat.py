@@ -17,11 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rlhflab.config import opt
+from rlhflab.config import COMPILE_HELP, opt
 from rlhflab.data.template import encode_prompt, stop_token_ids
 from rlhflab.errors import UsageError
 from rlhflab.infer import engine
 from rlhflab.infer.engine import SamplingParams
+from rlhflab.models.compiled import GENERATE, compile_model
 from rlhflab.models.loading import choose_placement, context_limit, load_causal_lm, load_tokenizer, resize_for_tokenizer
 from rlhflab.rewards.model import is_reward_model
 
@@ -50,6 +51,7 @@ class ChatConfig:
     dtype: str = opt("auto", "weights dtype", ("auto", "fp32", "bf16", "fp16"))
     trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
     seed: int = opt(0, "sampling seed (turn k uses seed + k, so a replayed session answers the same)")
+    compile: str = opt("auto", COMPILE_HELP, ("false", "true", "auto"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +154,7 @@ def load(name: str, config: ChatConfig):
     tokenizer = load_tokenizer(name, config.trust_remote_code)
     # A hub model without a chat template gets rlhflab's markers as new tokens.
     resize_for_tokenizer(model, tokenizer)
+    compile_model(model, config.compile, GENERATE, "the model", train=False, generates=True)
     return model, tokenizer
 
 

@@ -34,6 +34,7 @@ from rlhflab.data.formats import Record, load_records
 from rlhflab.data.template import encode_prompt, stop_token_ids, turn_end_ids
 from rlhflab.errors import NonFiniteError, UsageError
 from rlhflab.infer.engine import SamplingParams, generate
+from rlhflab.models.compiled import compile_model
 from rlhflab.rewards import compose
 from rlhflab.train import distributed, optim, skeleton
 from rlhflab.train.alarms import Alarm, GoldSignal, gold_signal
@@ -424,6 +425,8 @@ def run(config: RLConfig) -> dict:
     optimizer = optim.adamw(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = optim.make_scheduler(optimizer, config, config.max_steps)
     optim.checkpoint_activations(roles, config)
+    # every role's body; the rollouts decode plain (a compiled KV cache costs more than it saves here)
+    compiled = compile_model(roles, config.compile, config.stage, "the policy")
     roles, optimizer, scheduler = accelerator.prepare(roles, optimizer, scheduler)
     roles_module = accelerator.unwrap_model(roles)
     if config.lora:
@@ -515,5 +518,6 @@ def run(config: RLConfig) -> dict:
                   SUMMARY_FIGURES if tail and all(k in r for r in tail)},
                "alarms": alarms, "base_weight_copies": base_weight_copies(roles_module), "lora": config.lora,
                "prompts": len(records), "rows_read": stats.rows_read, "rows_skipped": stats.rows_skipped,
-               "seconds_per_step": sum(r["step_time_s"] for r in history) / max(1, len(history))}
+               "seconds_per_step": sum(r["step_time_s"] for r in history) / max(1, len(history)),
+               **compiled.summary()}
     return skeleton.finish(setup, summary)

@@ -39,6 +39,7 @@ from rlhflab import config as cfg
 from rlhflab import runs
 from rlhflab.data.formats import load_records
 from rlhflab.errors import NonFiniteError, UsageError
+from rlhflab.models.compiled import compile_model
 from rlhflab.models.loading import Placement, choose_placement
 from rlhflab.train.distributed import (
     check_engine,
@@ -435,6 +436,7 @@ class Loop:
         optimizer = make_optimizer(model, config)
         scheduler = make_scheduler(optimizer, config, steps)
         checkpoint_activations(model, config)
+        self.compiled = compile_model(model, config.compile, config.stage, f"the {config.stage} model")
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         if config.lora:
             checkpoint_trainable_only(accelerator)
@@ -550,4 +552,5 @@ class Loop:
         self.bar.close()
         return {"steps": self.step, f"{self.unit}_per_s": self.rate, f"train_{self.unit}": self.total,
                 "train_time_s": self.train_time, "wall_time_s": self.timer.elapsed,
-                "processes": self.accelerator.num_processes, "engine": engine_name(self.accelerator)}
+                "processes": self.accelerator.num_processes, "engine": engine_name(self.accelerator),
+                **self.compiled.summary()}
