@@ -99,9 +99,10 @@ def prepare_stage(config) -> Setup:
     if log_with == "wandb":
         _require("wandb", "--report-to wandb")
     check_launch()
-    # DeepSpeed without CUDA falls back to its CPU backend and says so in every process: naming that
-    # backend makes the same choice quietly.
-    if uses_deepspeed() and not torch.cuda.is_available():
+    # DeepSpeed without CUDA falls back to its CPU backend and says so in every process, and with it
+    # installed, libraries import it in plain runs too: on the CPU, naming that backend makes the
+    # same choice quietly.
+    if placement.device.type == "cpu" and not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     accelerator = Accelerator(
         cpu=placement.device.type == "cpu" and not sharding_launch(),   # the sharding engines' own switches decide
