@@ -16,7 +16,7 @@ import torch
 from conftest import SAMPLES
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhflab import runs
+from rlhflab import memory
 from rlhflab.cli.main import build_parser, main
 from rlhflab.config import SFTConfig
 from rlhflab.data.formats import load_records
@@ -252,13 +252,13 @@ def test_chat_on_a_run_picks_the_policy_its_evaluation_scores_best(tmp_path):
 
 
 def test_peak_memory_is_counted_from_the_stage_start():
-    runs.reset_peak_memory()
+    memory.reset_peak_memory()
     block = bytearray(200 * 2**20)   # 200 MiB, touched
     block[::4096] = b"x" * len(block[::4096])
-    high = runs.peak_memory()["peak_rss_mib"]
+    high = memory.peak_memory()["peak_rss_mib"]
     del block
-    runs.reset_peak_memory()
-    low = runs.peak_memory()["peak_rss_mib"]
+    memory.reset_peak_memory()
+    low = memory.peak_memory()["peak_rss_mib"]
     assert high - low > 150
 
 

@@ -8,13 +8,13 @@ import pytest
 PROBE = r"""
 import sys
 import torch
-from rlhflab import runs
+from rlhflab import memory
 
 def rss_mib():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 
 if sys.argv[1] == "release":
-    assert runs.release_freed_memory()
+    assert memory.release_freed_memory()
 block = torch.ones(4 << 20, dtype=torch.uint8)
 del block                                      # a freed large block: glibc raises its mmap threshold
 kept, freed = [], []
@@ -46,13 +46,13 @@ def test_release_memory_is_a_training_option(tmp_path):
     assert SFTConfig().release_memory is False
 
 
-# The default: glibc's small-block caches off, so that freed activations are reused (runs.py).
+# The default: glibc's small-block caches off, so that freed activations are reused (memory.py).
 REUSE_PROBE = r"""
 import sys
-from rlhflab import runs
+from rlhflab import memory
 
 if sys.argv[1] == "restart":
-    runs.restart_for_memory_reuse()            # what `rlhflab <command>` does first
+    memory.restart_for_memory_reuse()            # what `rlhflab <command>` does first
 import torch
 
 def rss_mib():
@@ -93,19 +93,19 @@ def test_restart_for_memory_reuse_keeps_resident_memory_near_live(tmp_path):
 
 
 def test_memory_reuse_environment_adds_to_the_users_tunables_and_never_overrides_them(monkeypatch):
-    from rlhflab import runs
+    from rlhflab import memory
 
     monkeypatch.setattr(sys, "platform", "linux")
-    monkeypatch.setattr(runs.os, "confstr", lambda name: "glibc 2.36")
-    env = runs.memory_reuse_environment({"HOME": "/h", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    monkeypatch.setattr(memory.os, "confstr", lambda name: "glibc 2.36")
+    env = memory.memory_reuse_environment({"HOME": "/h", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0"
     assert env["HOME"] == "/h"
-    assert runs.memory_reuse_environment({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}) is None
-    assert runs.memory_reuse_environment({"GLIBC_TUNABLES": env["GLIBC_TUNABLES"]}) is None   # no restart loop
-    monkeypatch.setattr(runs.os, "confstr", lambda name: "musl")
-    assert runs.memory_reuse_environment({}) is None
+    assert memory.memory_reuse_environment({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}) is None
+    assert memory.memory_reuse_environment({"GLIBC_TUNABLES": env["GLIBC_TUNABLES"]}) is None   # no restart loop
+    monkeypatch.setattr(memory.os, "confstr", lambda name: "musl")
+    assert memory.memory_reuse_environment({}) is None
     monkeypatch.setattr(sys, "platform", "darwin")
-    assert runs.memory_reuse_environment({}) is None
+    assert memory.memory_reuse_environment({}) is None
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")

@@ -15,7 +15,8 @@ import warnings
 
 from rlhflab import config as cfg
 from rlhflab.errors import NonFiniteError, UsageError
-from rlhflab.runs import release_outputs, restart_for_memory_reuse
+from rlhflab.memory import restart_for_memory_reuse
+from rlhflab.runs import release_outputs
 
 # command -> (config class path, function path, one-line description)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     command, rest = argv[0], argv[1:]
-    if process_entry and command in REUSE_MEMORY:   # before torch loads (runs.memory_reuse_environment)
+    if process_entry and command in REUSE_MEMORY:   # before torch loads (memory.memory_reuse_environment)
         restart_for_memory_reuse()
     # Sub-sub-commands (`rlhflab world export`, `rlhflab rm audit`) are registered as "world export".
     if rest and f"{command} {rest[0]}" in COMMANDS:

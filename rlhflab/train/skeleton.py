@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from rlhflab import config as cfg
-from rlhflab import runs
+from rlhflab import memory, runs
 from rlhflab.data.formats import load_records
 from rlhflab.errors import NonFiniteError, UsageError
 from rlhflab.models.compiled import compile_model
@@ -83,11 +83,11 @@ class Setup:
 def prepare_stage(config) -> Setup:
     """Placement, accelerator, seed and the stage directory. Validates before touching disk."""
 
-    runs.reset_peak_memory()   # the stage's own peak goes into its summary
+    memory.reset_peak_memory()   # the stage's own peak goes into its summary
     if not config.progress:    # transformers' own bars too (loading weights, writing shards)
         hf_logging.disable_progress_bar()
     placement = choose_placement(config.device, config.dtype)
-    if config.release_memory and not runs.release_freed_memory():
+    if config.release_memory and not memory.release_freed_memory():
         print("note: --release-memory has no effect here (not glibc, or MALLOC_MMAP_THRESHOLD_ is set)",
               file=sys.stderr)
     out = runs.stage_dir(config)
@@ -340,7 +340,7 @@ def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Pat
 def finish(setup: Setup, summary: dict) -> dict:
     """Write summary.json last: its presence marks the stage as finished. The stage's peak memory
     is its own (counted from prepare_stage); one line on stdout says what was written."""
-    summary = {**summary, **runs.peak_memory()}
+    summary = {**summary, **memory.peak_memory()}
     setup.accelerator.wait_for_everyone()   # every process is done with the directory (and the model saved)
     if setup.accelerator.is_main_process:
         runs.readable_as_usual(setup.out)
