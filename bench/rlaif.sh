@@ -2,7 +2,8 @@
 # The RLAIF measurements of docs/rlaif.md, in the toy world with habits (--habit-rate 0.6):
 #   labeller  teach the feedback model more on its comparisons (the labeller of `labels`)
 #   labels  an RM on AI labels against an RM on as many annotator labels (gold accuracy); LB: the labeller,
-#           COMBINE: how it weighs the principles (rank --combine: mean, principles, first)
+#           COMBINE: how it weighs the principles (rank --combine: first, principles, mean); RM_SEEDS:
+#           train both RMs with each of these seeds (default 0 1 2 3 4)
 #   rules   PPO with the preference RM plus the rule RM against the preference RM alone
 #   cai     a constitutional round: critique -> SFT on revisions -> DPO revised over first answers
 #
@@ -18,11 +19,11 @@ OUT=${OUT:-runs/rlaif}
 PRE=${PRE:-runs/quickstart/sft}
 RL=${RL:-.venv/bin/rlhflab}
 PY=${PY:-.venv/bin/python}
-SIZE=${SIZE:-default}
+SIZE=${SIZE:-default}; WORLD_SEED=${WORLD_SEED:-0}
 SFT_STEPS=${SFT_STEPS:-150}; SFT_LR=${SFT_LR:-5e-4}; FEEDBACK_STEPS=${FEEDBACK_STEPS:-250}; RM_STEPS=${RM_STEPS:-120}
 PPO_STEPS=${PPO_STEPS:-20}; ROLLOUT=${ROLLOUT:-16}; LABEL_PROMPTS=${LABEL_PROMPTS:-300}; CAI_PROMPTS=${CAI_PROMPTS:-300}
 CAI_SFT_STEPS=${CAI_SFT_STEPS:-60}; CAI_DPO_STEPS=${CAI_DPO_STEPS:-100}; EVAL_N=${EVAL_N:-300}
-COMBINE=${COMBINE:-mean}   # how the labeller's principles make one verdict (rank --combine)
+COMBINE=${COMBINE:-first}   # how the labeller's principles make one verdict (rank --combine)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 W=$OUT/world
 FB=${FB:-$OUT/feedback}    # the feedback model (critic and labeller)
@@ -36,39 +37,45 @@ judge() {   # judge NAME MODEL: greedy answers on the held-out prompts, scored, 
 }
 
 setup() {
-  [ -f $W/manifest.json ] || $RL world export --out $W --size $SIZE --habit-rate 0.6 --constitution toy > /dev/null
+  [ -f $W/manifest.json ] || $RL world export --out $W --seed $WORLD_SEED --size $SIZE --habit-rate 0.6 --constitution toy > /dev/null
   [ -f $OUT/eval$EVAL_N.jsonl ] || $PY -c "import json; from rlhflab.world import tasks
 open('$OUT/eval$EVAL_N.jsonl', 'w').write(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in
 tasks.make_prompts('eval', $EVAL_N, seed='0:eval-large')))"
   done_ $OUT/sft || $RL sft --model $PRE --data $W/sft.jsonl --out $OUT/sft --max-length 256 --batch-size 16 \
       --lr $SFT_LR --max-steps $SFT_STEPS "${q[@]}"
-  # The feedback model: the SFT model taught the constitution's requests (feedback.jsonl; FEEDBACK_ONLY=0: beside its SFT data).
-  if [ "$FEEDBACK_ONLY" = 1 ]; then cp $W/feedback.jsonl $OUT/feedback_data.jsonl
-  else cat $W/sft.jsonl $W/feedback.jsonl > $OUT/feedback_data.jsonl; fi
+  # The feedback model: the SFT model taught to critique and revise (the critiques of feedback.jsonl;
+  # FEEDBACK_ONLY=0: beside its SFT data).
+  grep '"critique"' $W/feedback.jsonl > $OUT/feedback_critiques.jsonl
+  if [ "$FEEDBACK_ONLY" = 1 ]; then cp $OUT/feedback_critiques.jsonl $OUT/feedback_data.jsonl
+  else cat $W/sft.jsonl $OUT/feedback_critiques.jsonl > $OUT/feedback_data.jsonl; fi
   done_ $FB || $RL sft --model $OUT/sft --data $OUT/feedback_data.jsonl --out $FB \
       --max-length 320 --batch-size 16 --lr 1e-3 --max-steps $FEEDBACK_STEPS "${q[@]}"
   judge sft $OUT/sft
   judge $(basename $FB) $FB
 }
 
-labeller() {   # the feedback model taught more on its comparisons alone: the labeller of `labels`
+labeller() {   # the feedback model taught to compare (the comparisons of feedback.jsonl): the labeller of `labels`
   grep '"comparison"' $W/feedback.jsonl > $OUT/feedback_comparisons.jsonl
   done_ $OUT/labeller || $RL sft --model $FB --data $OUT/feedback_comparisons.jsonl --out $OUT/labeller \
-      --max-length 320 --batch-size 16 --lr 1e-3 --max-steps ${LABELLER_STEPS:-400} "${q[@]}"
+      --max-length 320 --batch-size 16 --lr 1e-3 --max-steps ${LABELLER_STEPS:-2400} "${q[@]}"
 }
 
-labels() {   # COMBINE other than mean keeps its own files beside: ai_pairs_$COMBINE.jsonl, rm_ai_$COMBINE ...
-  s=${COMBINE/#mean/}; s=${s:+_$s}
+labels() {   # COMBINE other than first keeps its own files beside: ai_pairs_$COMBINE.jsonl, rm_ai_$COMBINE ...
+  s=${COMBINE/#first/}; s=${s:+_$s}
   head -n $LABEL_PROMPTS $W/rankings.jsonl > $OUT/label_rankings.jsonl
   tail -n 300 $W/rankings.jsonl > $OUT/heldout_rankings.jsonl
   [ -f $OUT/ai_pairs$s.jsonl ] || $RL rank --data $OUT/label_rankings.jsonl --by model:${LB:-$OUT/labeller} \
       --combine $COMBINE --format pairs --ranked-input --out $OUT/ai_pairs$s.jsonl \
       --judgments $OUT/ai_judgments$s.jsonl 2> $OUT/ai_rank$s.log
   n=$(wc -l < $OUT/ai_pairs$s.jsonl)
-  common=(--model $OUT/sft --eval-data $OUT/heldout_rankings.jsonl --batch-size 8 --lr 1e-3 --max-steps $RM_STEPS
-          "${q[@]}")
-  done_ $OUT/rm_ai$s || $RL rm --data $OUT/ai_pairs$s.jsonl --out $OUT/rm_ai$s "${common[@]}"
-  done_ $OUT/rm_annotators$s || $RL rm --data $W/prefs.jsonl --max-rows $n --out $OUT/rm_annotators$s "${common[@]}"
+  for seed in ${RM_SEEDS:-0 1 2 3 4}; do   # reward models on a few hundred pairs vary by seed: train each kind on several
+    common=(--model $OUT/sft --eval-data $OUT/heldout_rankings.jsonl --batch-size 8 --lr 1e-3 --max-steps $RM_STEPS
+            --seed $seed "${q[@]}")
+    done_ $OUT/rm_ai$s/seed-$seed || $RL rm --data $OUT/ai_pairs$s.jsonl --out $OUT/rm_ai$s/seed-$seed "${common[@]}"
+    done_ $OUT/rm_annotators/n$n-seed-$seed || $RL rm --data $W/prefs.jsonl --max-rows $n \
+        --out $OUT/rm_annotators/n$n-seed-$seed "${common[@]}"
+  done
+  echo $n > $OUT/ai_pairs$s.count
 }
 
 rules() {

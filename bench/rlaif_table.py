@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -19,23 +20,35 @@ def facets(path: Path) -> dict:
             "correct": sum(r["facets"].get("correct", 0) for r in rows) / len(rows)}
 
 
+def _gold(dirs: list[Path]) -> list[float]:
+    return [json.loads((d / "summary.json").read_text())["eval_gold_accuracy"] for d in dirs
+            if (d / "summary.json").is_file()]
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f} (n={len(values)}: {', '.join(f'{v:.3f}' for v in values)})"
+
+
 def main(out: Path) -> None:
-    for combine in ("mean", "principles", "first"):   # `bench/rlaif.sh labels` with each COMBINE
-        suffix = "" if combine == "mean" else f"_{combine}"
-        gold = {}
-        for name in (f"rm_ai{suffix}", f"rm_annotators{suffix}"):
-            summary = out / name / "summary.json"
-            if summary.is_file():
-                s = json.loads(summary.read_text())
-                gold[name] = s.get("eval_gold_accuracy", float("nan"))
-                print(f"{name:<24} gold accuracy {gold[name]:.3f}  "
-                      f"label accuracy {s.get('eval_accuracy', float('nan')):.3f}  pairs {s.get('rows_used')}")
-        if len(gold) == 2:
-            print(f"--combine {combine}: RM on AI labels / RM on annotator labels = "
-                  f"{gold[f'rm_ai{suffix}'] / gold[f'rm_annotators{suffix}']:.2f}x")
+    for combine in ("first", "principles", "mean"):   # `bench/rlaif.sh labels` with each COMBINE
+        suffix = "" if combine == "first" else f"_{combine}"
+        count = out / f"ai_pairs{suffix}.count"
+        if not count.is_file():
+            continue
+        n = int(count.read_text())
+        ai = _gold(sorted((out / f"rm_ai{suffix}").glob("seed-*")))
+        annotators = _gold(sorted((out / "rm_annotators").glob(f"n{n}-seed-*")))
+        print(f"--combine {combine}: {n} pairs; RM gold accuracy, AI labels {_spread(ai)}, "
+              f"annotator labels {_spread(annotators)}")
+        if ai and annotators:
+            ratios = [a / b for a, b in zip(ai, annotators)]
+            print(f"  ratio (seed by seed) {_spread(ratios)}; of the means {statistics.mean(ai) / statistics.mean(annotators):.2f}x")
         log = out / f"ai_rank{suffix}.log"
         if log.is_file():
-            print(next((line for line in log.read_text().splitlines() if line.startswith("labeller:")), ""))
+            print("  " + next((line for line in log.read_text().splitlines() if line.startswith("labeller:")), ""))
     rules = out / "rules" / "summary.json"
     if rules.is_file():
         for rule, f in json.loads(rules.read_text())["per_rule"].items():

@@ -78,7 +78,7 @@ RANGES: dict[str, Range] = {
                      "critique_tokens", "default_max_tokens", "max_batch_size", "max_body_kb", "max_queue", "k"),
                     AT_LEAST_1),
     **dict.fromkeys(("max_steps", "eval_every", "save_every", "max_rows", "harden_kinds", "min_new_tokens",
-                     "probe_every", "samples", "principles_per_pair", "batch_wait_ms", "rankings"), AT_LEAST_0),
+                     "probe_every", "samples", "principles_per_pair", "batch_wait_ms", "rankings", "comparisons"), AT_LEAST_0),
     "seed": Range(0, 2**32 - 1),
     "port": Range(0, 65535),
     "vocab_size": Range(300),
@@ -449,6 +449,8 @@ class WorldExportConfig:
     constitution: str | None = opt(None, "also write feedback.jsonl, demonstrations of critiques, revisions and "
                                          "comparisons under this constitution ('toy', or a file using its principle "
                                          "names), to train the toy world's feedback model (docs/rlaif.md)")
+    comparisons: int = opt(0, "with --constitution: comparison lessons in feedback.jsonl (the labeller's); 0 = 8 "
+                              "per SFT demonstration (24000 for the default size)")
     rankings: int = opt(0, "ranked prompts in rankings.jsonl (and so prefs.jsonl, rules.jsonl); 0 = the world's "
                            "own: 6000 for the default world, 1500 for the others (400 and 100 at --size small)")
 

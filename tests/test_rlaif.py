@@ -3,16 +3,19 @@ position swap, and the toy world's feedback demonstrations and rule flags."""
 
 from __future__ import annotations
 
+import collections
 import json
+import random
 
 import pytest
 
 from rlhflab.cli.main import main
 from rlhflab.errors import UsageError
-from rlhflab.feedback import ai_labeller
-from rlhflab.feedback.constitution import CHOICES, comparison_messages, language_of, load_constitution
+from rlhflab.feedback import ai_labeller, toy_feedback
+from rlhflab.feedback.constitution import ANSWER_LABEL, CHOICES, comparison_messages, language_of, load_constitution
 from rlhflab.feedback.preferences import rank_rows
 from rlhflab.models.loading import choose_placement
+from rlhflab.world import judge, tasks
 from rlhflab.world.rules import RULES, rule_flags
 
 
@@ -27,7 +30,7 @@ def world(tmp_path_factory):
 def test_the_toy_constitution_is_bilingual():
     constitution = load_constitution("toy")
     names = [p.name for p in constitution.principles]
-    assert names == ["harmless", "language", "polite", "concise", "truthful"]
+    assert names == ["harmless", "language", "polite", "truthful", "concise"]   # the order is the priority
     language = constitution.by_name("language")
     assert language.rule == "wrong_language"
     assert language_of("3加4等于多少？") == "zh" and language_of("What is 3 plus 4?") == "en"
@@ -133,7 +136,7 @@ class ReadsOnlyPoliteness:
 
 def test_combining_principles_one_by_one_keeps_the_one_that_reads_the_answers():
     # Averaged over the five principles, four position-biased ones drown the reader: ties.
-    mean = ai_labeller.label_rows(ROWS, ReadsOnlyPoliteness(), load_constitution("toy"))
+    mean = ai_labeller.label_rows(ROWS, ReadsOnlyPoliteness(), load_constitution("toy"), combine="mean")
     assert [j["verdict"] for j in mean.judgments] == [0, 0, 0]
     for combine in ("principles", "first"):
         labels = ai_labeller.label_rows(ROWS, ReadsOnlyPoliteness(), load_constitution("toy"), combine=combine)
@@ -169,11 +172,44 @@ def test_a_local_model_labeller_is_symmetric_under_swapping_the_answers(tiny_mod
     assert forward.judgments[1]["verdict"] == -backward.judgments[1]["verdict"]
 
 
+def _answers(question: str) -> tuple[str, str]:
+    """The two answers quoted in a comparison question (either language)."""
+    for lang in ("en", "zh"):
+        label_a, label_b = ANSWER_LABEL[lang]
+        if label_a in question:
+            first, rest = question.split(label_a, 1)[1].split(label_b, 1)
+            return first.strip(), rest.rsplit("\n", 2)[0].strip()
+    raise AssertionError(question)
+
+
+def test_comparison_lessons_teach_each_principle_on_its_own_point():
+    constitution = load_constitution("toy")
+    rng = random.Random(0)
+    kinds = collections.Counter()
+    for record in tasks.make_prompts("train", 300, seed="lesson-test"):
+        row = toy_feedback._lesson(record, "comparison", constitution.principles, rng)
+        meta, reply = row["meta"], row["messages"][-1]["content"]
+        first, second = _answers(row["messages"][0]["content"])
+        a, b = (toy_feedback._follows(record, text, meta["principle"]) for text in (first, second))
+        kinds[meta["lesson"]] += 1
+        if meta["lesson"] == "neutral":      # equal on this point: "(A)", which both orders then say (a tie)
+            assert a == b and first != second and reply == CHOICES[0], row
+        else:                                # the answer that follows the principle better wins
+            assert (a > b and reply == CHOICES[0]) or (b > a and reply == CHOICES[1]), row
+        if meta["lesson"] == "crossed":      # ... even though it breaks another principle
+            winner = first if reply == CHOICES[0] else second
+            assert judge(record["messages"], winner, record["meta"]).score < 1.0
+    assert min(kinds.values()) > 30, kinds
+
+
 def test_world_export_writes_feedback_demonstrations_and_rule_flags(world):
     rows = [json.loads(line) for line in (world / "feedback.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 200 and {r["meta"]["feedback"] for r in rows} == {"comparison", "critique"}
+    kinds = collections.Counter(r["meta"]["feedback"] for r in rows)
+    assert kinds == {"critique": 200, "comparison": 1600}   # 8 comparisons per SFT demonstration by default
     comparisons = [r for r in rows if r["meta"]["feedback"] == "comparison"]
     assert {r["messages"][-1]["content"] for r in comparisons} == set(CHOICES)
+    principles = collections.Counter(r["meta"]["principle"] for r in comparisons)
+    assert principles.most_common(1)[0][0] == "language" and len(principles) == 5   # the hardest, drawn most
     rules = [json.loads(line) for line in (world / "rules.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rules) == 400 and all(set(r["rules"]) == set(RULES) for r in rules)
     assert sum(r["rules"]["wrong_language"] for r in rules) > 20   # the habit at 0.6

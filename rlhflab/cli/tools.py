@@ -60,7 +60,8 @@ def world_export(config) -> int:
                     shared_content=shared_content, rankings=config.rankings or None)
     if constitution is not None:
         try:
-            rows = feedback_rows(constitution, result["counts"]["sft.jsonl"], config.seed)
+            rows = feedback_rows(constitution, critiques=result["counts"]["sft.jsonl"],
+                                 comparisons=config.comparisons or 8 * result["counts"]["sft.jsonl"], seed=config.seed)
         except ValueError as exc:
             raise UsageError(f"--constitution {exc}") from None
         result["feedback.jsonl"] = f"{len(rows)} rows"

@@ -5,9 +5,12 @@ OpenAI-compatible endpoint: `rlhflab serve`, vLLM ...). For every pair of a prom
 each principle asked about, the labeller sees the pair in BOTH orders, because language models
 favour a position (often the first): with p_ab = P("(A)" | i shown first) and p_ba = P("(A)" | j
 shown first), i wins when p_ab > 0.5 and p_ba < 0.5, j wins in the mirror case, and the pair is a
-TIE when the two orders disagree (the labeller picked a position, not an answer). Its confidence
-is (p_ab + 1 - p_ba) / 2 for i, averaged over the principles asked (`--combine mean`; `decide`
-also lets each principle decide alone and sums their margins, or takes the first that decides).
+TIE when the two orders disagree (the labeller picked a position, not an answer). The question
+asks for "(A)" when both answers follow the principle equally, so a principle that does not tell
+them apart says "(A)" in both orders and abstains. By default (`--combine first`) the
+constitution's order is its priority: the first principle that decides settles the pair, with
+confidence (p_ab + 1 - p_ba) / 2 for i; `decide` also sums the deciding principles' margins, or
+averages the probabilities over all the principles asked.
 A local model's probabilities come from the log-probs of the two replies; an endpoint's from its
 `logprobs` when it returns them, else from its greedy reply (probability 1 or 0, 0.5 when it
 answers neither).
@@ -199,7 +202,7 @@ class Labels:
 
 
 def label_rows(rows: list[dict], chat, constitution: Constitution, per_pair: int = 0, seed: int = 0,
-               combine: str = "mean") -> Labels:
+               combine: str = "first") -> Labels:
     """Every pair of each row's responses, asked in both orders about `per_pair` principles drawn
     per pair (0 = all of them), decided by `decide(..., combine)`; each judgment keeps every
     principle's two probabilities (`by_principle`)."""

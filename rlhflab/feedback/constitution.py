@@ -37,8 +37,8 @@ _LATIN = re.compile(r"[A-Za-z]")
 
 # The labeller's question around a principle, per language ({principle} is filled in).
 QUESTION = {
-    "en": "Which answer better follows this principle: {principle}\nReply with (A) or (B).",
-    "zh": "哪个回答更符合这条原则：{principle}\n请回答 (A) 或 (B)。",
+    "en": "Which answer better follows this principle: {principle}\nReply with (A) or (B); (A) if they follow it equally.",
+    "zh": "哪个回答更符合这条原则：{principle}\n请回答 (A) 或 (B)；如果同样符合，回答 (A)。",
 }
 ANSWER_LABEL = {"en": ("Answer (A):", "Answer (B):"), "zh": ("回答 (A)：", "回答 (B)：")}
 QUESTION_LABEL = {"en": "Question:", "zh": "问题："}

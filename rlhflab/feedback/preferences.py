@@ -72,9 +72,10 @@ class RankConfig:
     seed: int = opt(0, "--by annotators: seed of their noise; AI labellers: seed of the principles drawn")
     constitution: str = opt("toy", "AI labellers: the constitution YAML file ('toy': the toy world's)")
     principles_per_pair: int = opt(0, "AI labellers: principles asked about per pair, drawn at random (0 = all)")
-    combine: str = opt("mean", "AI labellers: how the principles asked make one verdict: mean (of their "
-                               "probabilities), principles (each decides alone, their margins summed) or first "
-                               "(the first in the constitution's order that decides)", ("mean", "principles", "first"))
+    combine: str = opt("first", "AI labellers: how the principles asked make one verdict: first (the constitution's "
+                                "order is its priority: the first principle that decides), principles (each decides "
+                                "alone, their margins summed) or mean (of their probabilities)",
+                       ("first", "principles", "mean"))
     ranked_input: bool = opt(False, "AI labellers: --data is already ranked best first (by people); report the "
                                     "labeller's agreement with that order")
     judgments: str | None = opt(None, "AI labellers: write every pair's judgment (both orders, confidence) here")
