@@ -21,7 +21,9 @@ RL=${RL:-.venv/bin/rlhflab}
 PY=${PY:-.venv/bin/python}
 SIZE=${SIZE:-default}; WORLD_SEED=${WORLD_SEED:-0}
 SFT_STEPS=${SFT_STEPS:-150}; SFT_LR=${SFT_LR:-5e-4}; FEEDBACK_STEPS=${FEEDBACK_STEPS:-250}; RM_STEPS=${RM_STEPS:-120}
-PPO_STEPS=${PPO_STEPS:-20}; ROLLOUT=${ROLLOUT:-16}; LABEL_PROMPTS=${LABEL_PROMPTS:-300}; CAI_PROMPTS=${CAI_PROMPTS:-300}
+PPO_STEPS=${PPO_STEPS:-60}; ROLLOUT=${ROLLOUT:-32}; PREF_RM_STEPS=${PREF_RM_STEPS:-600};
+LABEL_PROMPTS=${LABEL_PROMPTS:-300}; CAI_PROMPTS=${CAI_PROMPTS:-300}
+PREF_HARDEN=${PREF_HARDEN:-empty,eos_only,whitespace,repeated,prompt_copy,ramble}   # the quickstart's degenerate answers
 CAI_SFT_STEPS=${CAI_SFT_STEPS:-60}; CAI_DPO_STEPS=${CAI_DPO_STEPS:-100}; EVAL_N=${EVAL_N:-300}
 COMBINE=${COMBINE:-first}   # how the labeller's principles make one verdict (rank --combine)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
@@ -78,13 +80,14 @@ labels() {   # COMBINE other than first keeps its own files beside: ai_pairs_$CO
   echo $n > $OUT/ai_pairs$s.count
 }
 
-rules() {
-  done_ $OUT/rm || $RL rm --model $OUT/sft --data $W/rankings.jsonl --loss ranking --harden --batch-size 8 --lr 1e-3 \
-      --max-steps $RM_STEPS "${q[@]}" --out $OUT/rm
+rules() {   # the preference RM and PPO as in the quickstart's recipe; the rule RM on rules.jsonl
+  done_ $OUT/rm || $RL rm --model $OUT/sft --data $W/rankings.jsonl --loss ranking --harden --harden-kinds 0 \
+      --harden-only $PREF_HARDEN --batch-size 16 --lr 1e-3 \
+      --max-steps $PREF_RM_STEPS "${q[@]}" --out $OUT/rm
   done_ $OUT/rules || $RL rm --rules --model $OUT/sft --data $W/rules.jsonl --batch-size 16 --lr 1e-3 \
       --max-steps $RM_STEPS "${q[@]}" --out $OUT/rules
   ppo=(--policy $OUT/sft --prompts $W/prompts.jsonl --lr 1e-4 --kl-coef 0.2 --rollout-prompts $ROLLOUT --mini-batch 16
-       --max-steps $PPO_STEPS --probe-every 0 "${q[@]}")
+       --critic shared --max-steps $PPO_STEPS --probe-every 0 "${q[@]}")
   done_ $OUT/ppo_rm || $RL ppo "${ppo[@]}" --reward rm:$OUT/rm --out $OUT/ppo_rm
   done_ $OUT/ppo_rm_rules || $RL ppo "${ppo[@]}" --reward rm:$OUT/rm --reward rules:$OUT/rules --out $OUT/ppo_rm_rules
   judge ppo_rm $OUT/ppo_rm
