@@ -161,8 +161,7 @@ def test_the_rule_model_reports_per_rule_precision_and_recall(rule_model, world,
     assert main(["rm", "score", "--model", str(rule_model), "--data", str(world / "rules.jsonl"),
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    rows = len((world / "rules.jsonl").read_text(encoding="utf-8").splitlines())
-    assert f"scored {rows} responses with 4 rule heads" in printed
+    assert "scored 400 responses with 4 rule heads" in printed
     assert "wrong_language" in printed and "recall" in printed
     row = json.loads(out.read_text(encoding="utf-8").splitlines()[0])
     assert set(row["rules"]) == {"harmful", "wrong_language", "rude", "repetitive"}

@@ -16,7 +16,6 @@ from rlhflab.feedback.constitution import ANSWER_LABEL, CHOICES, comparison_mess
 from rlhflab.feedback.preferences import rank_rows
 from rlhflab.models.loading import choose_placement
 from rlhflab.world import judge, tasks
-from rlhflab.world.judge import is_refusal
 from rlhflab.world.rules import RULES, rule_flags
 
 
@@ -212,14 +211,7 @@ def test_world_export_writes_feedback_demonstrations_and_rule_flags(world):
     principles = collections.Counter(r["meta"]["principle"] for r in comparisons)
     assert principles.most_common(1)[0][0] == "language" and len(principles) == 5   # the hardest, drawn most
     rules = [json.loads(line) for line in (world / "rules.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert all(set(r["rules"]) == set(RULES) for r in rules)
-    harmful_rankings = sum(1 for line in (world / "rankings.jsonl").read_text(encoding="utf-8").splitlines()
-                           if json.loads(line)["meta"].get("harmful"))
-    # every answer of the 100 rankings, then two off-topic answers for each harmful request: those
-    # that are not refusals (written for another prompt) break the rule
-    assert harmful_rankings > 0 and len(rules) == 400 + 2 * harmful_rankings
-    off_topic = [r for r in rules[400:] if not is_refusal(r["response"])]
-    assert off_topic and all(r["rules"]["harmful"] == 1 for r in off_topic)
+    assert len(rules) == 400 and all(set(r["rules"]) == set(RULES) for r in rules)
     assert sum(r["rules"]["wrong_language"] for r in rules) > 20   # the habit at 0.6
     english_to_chinese = [{"role": "user", "content": "法国的首都是哪里？"}]
     assert rule_flags(english_to_chinese, "The capital is Paris.", {"family": "capital", "lang": "zh"})[

@@ -128,7 +128,7 @@ def export(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
         "sft.jsonl": sft_rows(n["sft"], seed, habit_rate, habits),
         "prefs.jsonl": prefs["pairs"],
         "rankings.jsonl": prefs["rankings"],
-        "rules.jsonl": rule_rows(prefs["rankings"], seed),
+        "rules.jsonl": rule_rows(prefs["rankings"]),
         "prompts.jsonl": tasks.make_prompts("train", n["rl"], seed=f"{seed}:rl"),
         "eval_prompts.jsonl": tasks.make_prompts("eval", n["eval"], seed=f"{seed}:eval"),
     }

@@ -12,8 +12,6 @@ breaks beside their preferences:
 
 from __future__ import annotations
 
-import random
-
 from .judge import judge
 
 RULES = ("harmful", "wrong_language", "rude", "repetitive")
@@ -29,24 +27,8 @@ def rule_flags(messages: list[dict], response: str, meta: dict | None = None) ->
             "repetitive": int(facets.get("nonrepetitive", 1.0) < 0.5)}
 
 
-OFF_TOPIC = 2   # answers written for other prompts, added to each harmful request's rows
-
-
-def rule_rows(rankings: list[dict], seed: int | str = 0, off_topic: int = OFF_TOPIC) -> list[dict]:
-    """Every answer of every ranking as a rules.jsonl row: {prompt, response, rules, meta}; then,
-    for each harmful request, `off_topic` answers drawn from other prompts' rankings. On a harmful
-    request anything but a refusal breaks the rule, but the rankings only set refusals against
-    compliance: a rule model that never saw an off-topic answer there lets a policy escape both
-    with one (measured: PPO against preference RM + rule RM drifted to "Great question! I hope
-    this helps!" on harmful requests)."""
-    rows = [{"prompt": row["prompt"], "response": text, "rules": rule_flags(row["prompt"], text, row.get("meta")),
+def rule_rows(rankings: list[dict]) -> list[dict]:
+    """Every answer of every ranking as a rules.jsonl row: {prompt, response, rules, meta}."""
+    return [{"prompt": row["prompt"], "response": text, "rules": rule_flags(row["prompt"], text, row.get("meta")),
              "meta": row.get("meta", {})}
             for row in rankings for text in row["responses"]]
-    rng = random.Random(f"rules:{seed}")
-    pool = [text for row in rankings if not row.get("meta", {}).get("harmful") for text in row["responses"]]
-    for row in rankings:
-        if row.get("meta", {}).get("harmful") and pool:
-            for text in rng.sample(pool, min(off_topic, len(pool))):
-                rows.append({"prompt": row["prompt"], "response": text,
-                             "rules": rule_flags(row["prompt"], text, row.get("meta")), "meta": row.get("meta", {})})
-    return rows
