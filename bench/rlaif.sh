@@ -7,16 +7,17 @@
 #   rules   PPO with the preference RM plus the rule RM against the preference RM alone
 #   cai     a constitutional round: critique -> SFT on revisions -> DPO revised over first answers
 #
-#   PRE=runs/quickstart/sft OUT=runs/rlaif bench/rlaif.sh    # every part, then the tables
+#   PRE=runs/classic/sft OUT=runs/rlaif bench/rlaif.sh    # every part, then the tables
 #   bench/rlaif.sh setup; bench/rlaif.sh rules & bench/rlaif.sh cai & ...   # parts after setup can run side by side
 #
-# PRE is the habit-free quickstart's SFT model: SFT_STEPS more steps on the habits world's
+# PRE is the habit-free quickstart's SFT model (`rlhflab quickstart --world classic --out runs/classic`):
+# SFT_STEPS more steps on the habits world's
 # demonstrations give it the habits (to train from the base instead: PRE=.../pretrain
 # SFT_STEPS=600 SFT_LR=1e-3). The defaults are the small settings measured in docs/rlaif.md.
 # Finished stages are reused. RL: the rlhflab command (default .venv/bin/rlhflab).
 set -e
 OUT=${OUT:-runs/rlaif}
-PRE=${PRE:-runs/quickstart/sft}
+PRE=${PRE:-runs/classic/sft}
 RL=${RL:-.venv/bin/rlhflab}
 PY=${PY:-.venv/bin/python}
 SIZE=${SIZE:-default}; WORLD_SEED=${WORLD_SEED:-0}
