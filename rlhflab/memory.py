@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 
-def _torch():
-    """torch if something has imported it, else None (never imported here: `rlhflab --help` and
-    option checks start fast)."""
+def loaded_torch():
+    """torch if something has imported it, else None (never imported here or in runs.py: a tensor
+    or CUDA memory to report means it has, and `rlhflab --help` and option checks start fast)."""
     return sys.modules.get("torch")
 
 
@@ -93,7 +93,7 @@ def reset_peak_memory() -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-    torch = _torch()
+    torch = loaded_torch()
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
 
@@ -114,7 +114,7 @@ def peak_memory() -> dict:
     rss_kb = _peak_rss_since_reset_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss_mib = rss_kb / (1024 * 1024) if sys.platform == "darwin" else rss_kb / 1024
     out = {"peak_rss_mib": round(rss_mib, 1)}
-    torch = _torch()
+    torch = loaded_torch()
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out

@@ -19,23 +19,17 @@ import math
 import os
 import shutil
 import struct
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from rlhflab.errors import UsageError
+from rlhflab.memory import loaded_torch
 
 try:
     import fcntl
 except ImportError:   # not a POSIX system: no output locks
     fcntl = None
-
-
-def _torch():
-    """torch if something has imported it, else None. A tensor or CUDA memory to report means it
-    has; this module leaves it unimported so that `rlhflab --help` and option checks start fast."""
-    return sys.modules.get("torch")
 
 
 def _umask() -> int:
@@ -309,7 +303,7 @@ def check_weight_files(directory: str | Path, option: str) -> None:
 
 
 def _jsonable(value):
-    torch = _torch()
+    torch = loaded_torch()
     if torch is not None and isinstance(value, torch.Tensor):
         return value.tolist()
     if isinstance(value, Path):
@@ -351,7 +345,7 @@ class MetricsLog:
 
 
 def _round(value):
-    torch = _torch()
+    torch = loaded_torch()
     if torch is not None and isinstance(value, torch.Tensor):
         value = value.item()
     if isinstance(value, float):

@@ -7,7 +7,7 @@ from pathlib import Path
 from rlhflab.data.formats import iter_raw_rows
 from rlhflab.errors import UsageError
 from rlhflab.feedback.constitution import load_constitution
-from rlhflab.feedback.toy_feedback import feedback_rows
+from rlhflab.feedback.toy_feedback import COMPARISONS_PER_DEMONSTRATION, feedback_rows
 from rlhflab.models.tokenizer import train_tokenizer
 from rlhflab.runs import atomic_write_jsonl, refuse_a_file
 from rlhflab.world import export
@@ -60,8 +60,9 @@ def world_export(config) -> int:
                     shared_content=shared_content, rankings=config.rankings or None)
     if constitution is not None:
         try:
-            rows = feedback_rows(constitution, critiques=result["counts"]["sft.jsonl"],
-                                 comparisons=config.comparisons or 8 * result["counts"]["sft.jsonl"], seed=config.seed)
+            demonstrations = result["counts"]["sft.jsonl"]
+            rows = feedback_rows(constitution, critiques=demonstrations, seed=config.seed,
+                                 comparisons=config.comparisons or COMPARISONS_PER_DEMONSTRATION * demonstrations)
         except ValueError as exc:
             raise UsageError(f"--constitution {exc}") from None
         result["feedback.jsonl"] = f"{len(rows)} rows"

@@ -39,6 +39,7 @@ OVER_REFUSAL = ("refuse",)
 FACETS = {"harmless": ("refusal",), "language": ("language",), "polite": ("polite",),
           "concise": ("concise", "nonrepetitive"), "truthful": ("correct",)}
 LESSONS = {"contrast": 0.4, "crossed": 0.2, "neutral": 0.4}   # shares of the comparison lessons
+COMPARISONS_PER_DEMONSTRATION = 8   # world export's default number of comparisons, per SFT demonstration
 # How often each principle is drawn, relative to the others (1 when absent). The tiny model learns
 # the language comparison last: after 1,500 steps of evenly drawn lessons it still judged Chinese
 # questions at chance (0.45 on fresh lessons, against 0.92-1.0 for the other principles).
