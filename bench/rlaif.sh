@@ -4,7 +4,8 @@
 #   labels  an RM on AI labels against an RM on as many annotator labels (gold accuracy); LB: the labeller,
 #           COMBINE: how it weighs the principles (rank --combine: first, principles, mean); RM_SEEDS:
 #           train both RMs with each of these seeds (default 0 1 2 3 4)
-#   rules   PPO with the preference RM plus the rule RM against the preference RM alone
+#   rules   PPO with the preference RM plus the rule RM (weight RULE_WEIGHT) against the preference RM
+#           alone, each with the PPO seeds PPO_SEEDS (default 0 1 2 3 4)
 #   cai     a constitutional round: critique -> SFT on revisions -> DPO revised over first answers
 #
 #   PRE=runs/classic/sft OUT=runs/rlaif bench/rlaif.sh    # every part, then the tables
@@ -22,7 +23,8 @@ RL=${RL:-.venv/bin/rlhflab}
 PY=${PY:-.venv/bin/python}
 SIZE=${SIZE:-default}; WORLD_SEED=${WORLD_SEED:-0}
 SFT_STEPS=${SFT_STEPS:-150}; SFT_LR=${SFT_LR:-5e-4}; FEEDBACK_STEPS=${FEEDBACK_STEPS:-250}; RM_STEPS=${RM_STEPS:-120}
-PPO_STEPS=${PPO_STEPS:-20}; ROLLOUT=${ROLLOUT:-16}; PREF_RM_STEPS=${PREF_RM_STEPS:-600};
+PPO_STEPS=${PPO_STEPS:-60}; ROLLOUT=${ROLLOUT:-32}; PREF_RM_STEPS=${PREF_RM_STEPS:-600}; RULE_RM_STEPS=${RULE_RM_STEPS:-600}
+RULE_WEIGHT=${RULE_WEIGHT:-2}; PPO_SEEDS=${PPO_SEEDS:-0 1 2 3 4}   # the rule RM's weight in the reward; PPO runs per side
 LABEL_PROMPTS=${LABEL_PROMPTS:-300}; CAI_PROMPTS=${CAI_PROMPTS:-300}
 PREF_HARDEN=${PREF_HARDEN:-empty,eos_only,whitespace,repeated,prompt_copy,ramble}   # the quickstart's degenerate answers
 CAI_SFT_STEPS=${CAI_SFT_STEPS:-60}; CAI_DPO_STEPS=${CAI_DPO_STEPS:-100}; EVAL_N=${EVAL_N:-300}
@@ -86,13 +88,16 @@ rules() {   # the preference RM and PPO as in the quickstart's recipe; the rule 
       --harden-only $PREF_HARDEN --batch-size 16 --lr 1e-3 \
       --max-steps $PREF_RM_STEPS "${q[@]}" --out $OUT/rm
   done_ $OUT/rules || $RL rm --rules --model $OUT/sft --data $W/rules.jsonl --batch-size 16 --lr 1e-3 \
-      --max-steps $RM_STEPS "${q[@]}" --out $OUT/rules
+      --max-steps $RULE_RM_STEPS "${q[@]}" --out $OUT/rules
   ppo=(--policy $OUT/sft --prompts $W/prompts.jsonl --lr 1e-4 --kl-coef 0.2 --rollout-prompts $ROLLOUT --mini-batch 16
        --critic shared --max-steps $PPO_STEPS --probe-every 0 "${q[@]}")
-  done_ $OUT/ppo_rm || $RL ppo "${ppo[@]}" --reward rm:$OUT/rm --out $OUT/ppo_rm
-  done_ $OUT/ppo_rm_rules || $RL ppo "${ppo[@]}" --reward rm:$OUT/rm --reward rules:$OUT/rules --out $OUT/ppo_rm_rules
-  judge ppo_rm $OUT/ppo_rm
-  judge ppo_rm_rules $OUT/ppo_rm_rules
+  for seed in $PPO_SEEDS; do
+    done_ $OUT/ppo_rm-seed$seed || $RL ppo "${ppo[@]}" --seed $seed --reward rm:$OUT/rm --out $OUT/ppo_rm-seed$seed
+    done_ $OUT/ppo_rm_rules-seed$seed || $RL ppo "${ppo[@]}" --seed $seed --reward rm:$OUT/rm \
+        --reward rules:$OUT/rules:$RULE_WEIGHT --out $OUT/ppo_rm_rules-seed$seed
+    judge ppo_rm-seed$seed $OUT/ppo_rm-seed$seed
+    judge ppo_rm_rules-seed$seed $OUT/ppo_rm_rules-seed$seed
+  done
 }
 
 cai() {

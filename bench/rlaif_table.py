@@ -60,11 +60,26 @@ def main(out: Path) -> None:
         f = facets(path)
         print(f"{path.stem:<14} {f['gold']:>6.3f} {f['harmful_compliance']:>15.3f} {f['wrong_language']:>11.3f} "
               f"{f['wrong_language_zh']:>6.3f} {f['correct']:>8.3f}   (n={f['n']}, harmful={f['harmful_prompts']})")
+    _seed_means(out / "eval")
     cai = out / "cai" / "summary.json"
     if cai.is_file():
         s = json.loads(cai.read_text())
         print(f"critique: {s['prompts']} prompts, {s['revised']} revised; gold of the answers "
               f"{s.get('gold_initial', float('nan')):.3f} -> {s.get('gold_revised', float('nan')):.3f}")
+
+
+def _seed_means(folder: Path) -> None:
+    """Mean ± sd over the runs named NAME-seedN (`bench/rlaif.sh rules` with PPO_SEEDS)."""
+    groups: dict[str, list[dict]] = {}
+    for path in sorted(folder.glob("*-seed*.jsonl")):
+        groups.setdefault(path.stem.rsplit("-seed", 1)[0], []).append(facets(path))
+    for name, runs in groups.items():
+        def spread(key: str) -> str:
+            values = [f[key] for f in runs]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+        print(f"{name} over {len(runs)} seeds: gold {spread('gold')}, harmful complied {spread('harmful_compliance')}, "
+              f"wrong language {spread('wrong_language')}")
 
 
 if __name__ == "__main__":

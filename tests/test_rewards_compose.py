@@ -4,6 +4,7 @@ named errors, and the rule reward model (rm --rules, rm score)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -136,6 +137,17 @@ def test_composed_rewards_log_each_part_and_their_weighted_sum(sft_and_rm, world
         assert row["reward/rules"] <= 0
 
 
+def test_the_rules_part_is_the_log_probability_of_keeping_every_rule():
+    assert compose.rules_log_probability({"harmful": 0.0, "rude": 0.0}) == 0.0
+    assert compose.rules_log_probability({"harmful": 0.5, "rude": 0.5}) == pytest.approx(2 * math.log(0.5))
+    # a break the rule model is sure of costs far more than 1 (what minus the probability would cap it at),
+    # and a certain one is floored, not -inf
+    assert compose.rules_log_probability({"harmful": 0.98}) == pytest.approx(math.log(0.02))
+    assert compose.rules_log_probability({"harmful": 1.0}) == pytest.approx(math.log(compose.RULE_FLOOR))
+    assert compose.rules_log_probability({"harmful": 0.99, "rude": 0.01}) < compose.rules_log_probability(
+        {"harmful": 0.9, "rude": 0.01}) < -1
+
+
 def test_the_rule_penalty_is_a_hard_cut(sft_and_rm, world, rule_model, tmp_path):
     sft, _ = sft_and_rm
     assert ppo(sft, world, tmp_path / "run", f"rules:{rule_model}", extra=["--rule-penalty", "5",
@@ -161,7 +173,8 @@ def test_the_rule_model_reports_per_rule_precision_and_recall(rule_model, world,
     assert main(["rm", "score", "--model", str(rule_model), "--data", str(world / "rules.jsonl"),
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "scored 400 responses with 4 rule heads" in printed
+    rows = len((world / "rules.jsonl").read_text(encoding="utf-8").splitlines())
+    assert f"scored {rows} responses with 4 rule heads" in printed
     assert "wrong_language" in printed and "recall" in printed
     row = json.loads(out.read_text(encoding="utf-8").splitlines()[0])
     assert set(row["rules"]) == {"harmful", "wrong_language", "rude", "repetitive"}

@@ -16,6 +16,7 @@ from rlhflab.feedback.constitution import ANSWER_LABEL, CHOICES, comparison_mess
 from rlhflab.feedback.preferences import rank_rows
 from rlhflab.models.loading import choose_placement
 from rlhflab.world import judge, tasks
+from rlhflab.world.judge import is_refusal
 from rlhflab.world.rules import RULES, rule_flags
 
 
@@ -211,7 +212,21 @@ def test_world_export_writes_feedback_demonstrations_and_rule_flags(world):
     principles = collections.Counter(r["meta"]["principle"] for r in comparisons)
     assert principles.most_common(1)[0][0] == "language" and len(principles) == 5   # the hardest, drawn most
     rules = [json.loads(line) for line in (world / "rules.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(rules) == 400 and all(set(r["rules"]) == set(RULES) for r in rules)
+    assert all(set(r["rules"]) == set(RULES) for r in rules)
+    rankings = [json.loads(line) for line in (world / "rankings.jsonl").read_text(encoding="utf-8").splitlines()]
+    harmful = sum(1 for row in rankings if row["meta"].get("harmful"))
+    # every answer of the 100 rankings, then answers written for other prompts: two for each harmful
+    # request, one for each other prompt
+    assert harmful > 0 and len(rules) == 400 + 2 * harmful + (len(rankings) - harmful)
+    own = {text for row in rankings for text in row["responses"]}
+    off_topic = rules[400:]
+    assert all(r["response"] in own for r in off_topic)
+    # on a harmful request, an answer to another prompt that is not a refusal breaks the rule; an
+    # English answer to a Chinese question breaks the language rule
+    complied = [r for r in off_topic if r["meta"].get("harmful") and not is_refusal(r["response"])]
+    assert complied and all(r["rules"]["harmful"] == 1 for r in complied)
+    english = [r for r in off_topic if r["meta"].get("lang") == "zh" and r["response"].isascii()]
+    assert english and all(r["rules"]["wrong_language"] == 1 for r in english)
     assert sum(r["rules"]["wrong_language"] for r in rules) > 20   # the habit at 0.6
     english_to_chinese = [{"role": "user", "content": "法国的首都是哪里？"}]
     assert rule_flags(english_to_chinese, "The capital is Paris.", {"family": "capital", "lang": "zh"})[

@@ -1,8 +1,9 @@
 """Rewards made of parts: `--reward SPEC` repeated, each part weighted, each logged on its own.
 
     rm:DIR[:W]               a reward model (from `rlhflab rm`, or a sequence classifier)
-    rules:DIR[:W]            a rule reward model (`rm --rules`): minus the sum of its violation
-                             probabilities, so W = 1 costs up to 1 per rule broken
+    rules:DIR[:W]            a rule reward model (`rm --rules`): the log-probability that the answer
+                             breaks none of its rules, sum_r log(1 - p_r) (0 for a clean answer,
+                             about -4 for a break it is 98% sure of, at most -9.2 per rule)
     python:FILE:FUNC[:W]     a Python function with the signature of TRL's GRPO reward functions
     judge[:W]                the toy world's gold judge (toy-world prompts only)
     DIR                      a plain directory is rm:DIR
@@ -241,6 +242,16 @@ def build(value: str, placement, prompts_path: str | None = None, world_prompts:
     return ComposedReward(parts, rule_penalty, rule_threshold, _file_columns(prompts_path))
 
 
+RULE_FLOOR = 1e-4   # 1 - p is floored here: a certain break costs log(1e-4) = -9.2, not -inf
+
+
+def rules_log_probability(probabilities: dict[str, float]) -> float:
+    """sum_r log(1 - p_r): the rule model's log-probability that an answer keeps every rule, in the
+    same log-odds units as a preference reward model's score. A break the rule model is sure of then
+    outweighs what a preference RM gives for style (minus the probability would cap its cost at 1)."""
+    return sum(math.log(max(1.0 - p, RULE_FLOOR)) for p in probabilities.values())
+
+
 def _rm_part(model, tokenizer):
     def part(self, records, texts):
         return score_texts(model, tokenizer, [r.messages + [{"role": "assistant", "content": t}]
@@ -253,7 +264,7 @@ def _rules_part(model, tokenizer):
         probs = rule_probabilities(model, tokenizer, [r.messages + [{"role": "assistant", "content": t}]
                                                       for r, t in zip(records, texts)])
         self.last_rules = probs
-        return [-sum(p.values()) for p in probs]
+        return [rules_log_probability(p) for p in probs]
     return part
 
 

@@ -17,7 +17,8 @@ rankings.jsonl       {"prompt": [messages], "responses": [K strings, annotator's
                      Sorting by gold_scores gives the clean ranking.
 rules.jsonl          {"prompt": [messages], "response": str, "rules": {"harmful": 0|1,
                       "wrong_language", "rude", "repetitive"}, "meta": {...}} every answer of
-                     rankings.jsonl with the rules it breaks (rules.py), for `rm --rules`.
+                     rankings.jsonl with the rules it breaks (rules.py), then answers written for
+                     other prompts (two per harmful request, one per other prompt), for `rm --rules`.
 prompts.jsonl        {"messages": [...], "meta": {...}} training-split prompts for RL.
 eval_prompts.jsonl   the same shape, held-out split (no country, word, harmful topic,
                      phrasing or operand tuple in common with the files above).
@@ -128,7 +129,7 @@ def export(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
         "sft.jsonl": sft_rows(n["sft"], seed, habit_rate, habits),
         "prefs.jsonl": prefs["pairs"],
         "rankings.jsonl": prefs["rankings"],
-        "rules.jsonl": rule_rows(prefs["rankings"]),
+        "rules.jsonl": rule_rows(prefs["rankings"], seed),
         "prompts.jsonl": tasks.make_prompts("train", n["rl"], seed=f"{seed}:rl"),
         "eval_prompts.jsonl": tasks.make_prompts("eval", n["eval"], seed=f"{seed}:eval"),
     }

@@ -12,6 +12,8 @@ breaks beside their preferences:
 
 from __future__ import annotations
 
+import random
+
 from .judge import judge
 
 RULES = ("harmful", "wrong_language", "rude", "repetitive")
@@ -27,8 +29,28 @@ def rule_flags(messages: list[dict], response: str, meta: dict | None = None) ->
             "repetitive": int(facets.get("nonrepetitive", 1.0) < 0.5)}
 
 
-def rule_rows(rankings: list[dict]) -> list[dict]:
-    """Every answer of every ranking as a rules.jsonl row: {prompt, response, rules, meta}."""
-    return [{"prompt": row["prompt"], "response": text, "rules": rule_flags(row["prompt"], text, row.get("meta")),
+OFF_TOPIC = 2   # answers written for other prompts, added to each harmful request's rows (one to each other prompt's)
+
+
+def rule_rows(rankings: list[dict], seed: int | str = 0, off_topic: int = OFF_TOPIC) -> list[dict]:
+    """Every answer of every ranking as a rules.jsonl row: {prompt, response, rules, meta}; then
+    answers written for other prompts, flagged by the same judge: `off_topic` for each harmful
+    request (drawn from benign prompts' answers), one for each other prompt. The rankings only set
+    a prompt's own answers against each other (a refusal against compliance, a Chinese answer
+    against its English twin): a rule model that never saw an answer to another question lets a
+    policy escape with one (measured: PPO against preference RM + rule RM drifted to "Great
+    question! I hope this helps!" on harmful requests and on Chinese questions)."""
+    rows = [{"prompt": row["prompt"], "response": text, "rules": rule_flags(row["prompt"], text, row.get("meta")),
              "meta": row.get("meta", {})}
             for row in rankings for text in row["responses"]]
+    rng = random.Random(f"rules:{seed}")
+    benign = [(i, text) for i, row in enumerate(rankings) if not row.get("meta", {}).get("harmful")
+              for text in row["responses"]]
+    every = [(i, text) for i, row in enumerate(rankings) for text in row["responses"]]
+    for index, row in enumerate(rankings):
+        harmful = row.get("meta", {}).get("harmful")
+        pool, count = (benign, off_topic) if harmful else (every, 1)
+        drawn = [text for owner, text in rng.sample(pool, min(len(pool), 4 * count)) if owner != index]
+        rows += [{"prompt": row["prompt"], "response": text, "rules": rule_flags(row["prompt"], text, row.get("meta")),
+                  "meta": row.get("meta", {})} for text in drawn[:count]]
+    return rows
