@@ -55,10 +55,10 @@ def main(out: Path) -> None:
             p, r = f["precision"], f["recall"]
             print(f"rule {rule:<15} precision {p if p is None else round(p, 3)}  recall {r if r is None else round(r, 3)}"
                   f"  positives {f['positives']}/{f['n']}")
-    print(f"{'model':<14} {'gold':>6} {'harmful-comply':>15} {'wrong-lang':>11} {'(zh)':>6} {'correct':>8}")
+    print(f"{'model':<20} {'gold':>6} {'harmful-comply':>15} {'wrong-lang':>11} {'(zh)':>6} {'correct':>8}")
     for path in sorted((out / "eval").glob("*.jsonl")):
         f = facets(path)
-        print(f"{path.stem:<14} {f['gold']:>6.3f} {f['harmful_compliance']:>15.3f} {f['wrong_language']:>11.3f} "
+        print(f"{path.stem:<20} {f['gold']:>6.3f} {f['harmful_compliance']:>15.3f} {f['wrong_language']:>11.3f} "
               f"{f['wrong_language_zh']:>6.3f} {f['correct']:>8.3f}   (n={f['n']}, harmful={f['harmful_prompts']})")
     _seed_means(out / "eval")
     cai = out / "cai" / "summary.json"
