@@ -25,11 +25,15 @@ def _gold(dirs: list[Path]) -> list[float]:
             if (d / "summary.json").is_file()]
 
 
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
 def _spread(values: list[float]) -> str:
     if not values:
         return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f} (n={len(values)}: {', '.join(f'{v:.3f}' for v in values)})"
+    return f"{_mean_sd(values)} (n={len(values)}: {', '.join(f'{v:.3f}' for v in values)})"
 
 
 def main(out: Path) -> None:
@@ -74,12 +78,9 @@ def _seed_means(folder: Path) -> None:
     for path in sorted(folder.glob("*-seed*.jsonl")):
         groups.setdefault(path.stem.rsplit("-seed", 1)[0], []).append(facets(path))
     for name, runs in groups.items():
-        def spread(key: str) -> str:
-            values = [f[key] for f in runs]
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            return f"{statistics.mean(values):.3f} ± {sd:.3f}"
-        print(f"{name} over {len(runs)} seeds: gold {spread('gold')}, harmful complied {spread('harmful_compliance')}, "
-              f"wrong language {spread('wrong_language')}")
+        gold, harmful, language = ([f[key] for f in runs] for key in ("gold", "harmful_compliance", "wrong_language"))
+        print(f"{name} over {len(runs)} seeds: gold {_mean_sd(gold)}, harmful complied {_mean_sd(harmful)}, "
+              f"wrong language {_mean_sd(language)}")
 
 
 if __name__ == "__main__":

@@ -40,9 +40,11 @@ def rule_rows(rankings: list[dict], seed: int | str = 0, off_topic: int = OFF_TO
     against its English twin): a rule model that never saw an answer to another question lets a
     policy escape with one (measured: PPO against preference RM + rule RM drifted to "Great
     question! I hope this helps!" on harmful requests and on Chinese questions)."""
-    rows = [{"prompt": row["prompt"], "response": text, "rules": rule_flags(row["prompt"], text, row.get("meta")),
-             "meta": row.get("meta", {})}
-            for row in rankings for text in row["responses"]]
+    def flagged(row: dict, text: str) -> dict:
+        return {"prompt": row["prompt"], "response": text, "rules": rule_flags(row["prompt"], text, row.get("meta")),
+                "meta": row.get("meta", {})}
+
+    rows = [flagged(row, text) for row in rankings for text in row["responses"]]
     rng = random.Random(f"rules:{seed}")
     benign = [(i, text) for i, row in enumerate(rankings) if not row.get("meta", {}).get("harmful")
               for text in row["responses"]]
@@ -51,6 +53,5 @@ def rule_rows(rankings: list[dict], seed: int | str = 0, off_topic: int = OFF_TO
         harmful = row.get("meta", {}).get("harmful")
         pool, count = (benign, off_topic) if harmful else (every, 1)
         drawn = [text for owner, text in rng.sample(pool, min(len(pool), 4 * count)) if owner != index]
-        rows += [{"prompt": row["prompt"], "response": text, "rules": rule_flags(row["prompt"], text, row.get("meta")),
-                  "meta": row.get("meta", {})} for text in drawn[:count]]
+        rows += [flagged(row, text) for text in drawn[:count]]
     return rows
