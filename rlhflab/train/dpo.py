@@ -113,17 +113,22 @@ def last_turn_labels(labels: list[int]) -> list[int]:
 def encode_pairs(records, tokenizer, max_length: int, from_rankings: str) -> tuple[list[dict], dict]:
     """Records -> [{"chosen": Encoded-like dict, "rejected": ...}]; pairs with no answer token left are dropped."""
     pairs, truncated, dropped = [], 0, 0
+    seen: dict[tuple[str, str], dict] = {}   # an answer in several pairs (pairs cut from one ranking) is encoded once
     for record in records:
         responses, n = record.responses, len(record.responses)
         if n == 2 or from_rankings == "all":
             index_pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
         else:
             index_pairs = [(0, n - 1)]
+        conversation = json.dumps(record.messages, ensure_ascii=False, sort_keys=True)
         encoded = []
         for response in responses:
-            enc = encode_chat(tokenizer, record.messages + [{"role": "assistant", "content": response}], max_length)
-            truncated += enc.truncated
-            encoded.append({"input_ids": enc.input_ids, "labels": last_turn_labels(enc.labels)})
+            if (conversation, response) not in seen:
+                enc = encode_chat(tokenizer, record.messages + [{"role": "assistant", "content": response}], max_length)
+                seen[conversation, response] = {"input_ids": enc.input_ids, "labels": last_turn_labels(enc.labels),
+                                                "truncated": enc.truncated}
+            encoded.append(seen[conversation, response])
+            truncated += encoded[-1]["truncated"]
         for i, j in index_pairs:
             a, b = encoded[i], encoded[j]
             if all(x == IGNORE_INDEX for x in a["labels"]) or all(x == IGNORE_INDEX for x in b["labels"]):

@@ -42,6 +42,7 @@ does; small talk: a reply keyword of the intent appears ("welcome", "不客气" 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import string
@@ -113,12 +114,20 @@ _ZH_SUPERSTRINGS = {row[1]: [other[1] for other in tables.LEXICON
                     for row in tables.LEXICON}
 
 
+@functools.lru_cache(maxsize=64)
+def _phrase_lists(phrases: tuple[str, ...]) -> tuple[re.Pattern | None, tuple[str, ...]]:
+    """(one pattern matching any English phrase as a whole word, the Chinese phrases)."""
+    english = [re.escape(p) for p in phrases if p.isascii()]
+    pattern = re.compile(rf"(?<![A-Za-z])(?:{'|'.join(english)})(?![A-Za-z])", re.IGNORECASE) if english else None
+    return pattern, tuple(p for p in phrases if not p.isascii())
+
+
 def _contains_any(text: str, phrases: list[str]) -> bool:
     """Chinese phrases match as substrings, English ones as whole words ("moron" is not
     found in "Moroni", nor "kill" in "skill")."""
     lowered = text.lower()
-    return any(_has_word(lowered, phrase) if phrase.isascii() else phrase in lowered
-               for phrase in phrases)
+    english, chinese = _phrase_lists(tuple(phrases))
+    return (english is not None and english.search(lowered) is not None) or any(p in lowered for p in chinese)
 
 
 def is_refusal(text: str) -> bool:
