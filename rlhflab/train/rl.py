@@ -493,8 +493,9 @@ def run(config: RLConfig) -> dict:
         history.append({k: row[k] for k in (*SUMMARY_FIGURES, "step_time_s") if k in row})
         if step % config.log_every == 0 or step == config.max_steps:
             metrics_log.log(step, row)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl_k1']:.3f}", len=f"{row['response_len']:.1f}",
+                        refresh=False)   # drawn by update, at most once a second
         bar.update(1)
-        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl_k1']:.3f}", len=f"{row['response_len']:.1f}")
         if config.probe_every and (step % config.probe_every == 0 or step == config.max_steps) \
                 and accelerator.is_main_process:
             write_probes(samples_path, roles_module, tokenizer, probes, config, step, gold, reward_from_text)

@@ -467,8 +467,8 @@ class Loop:
             self.train_time += time.perf_counter() - started
             if parts.after_step:
                 parts.after_step(self.step, row)
+            self.bar.set_postfix(parts.postfix(row), refresh=False)   # drawn by update, at most once a second
             self.bar.update(1)
-            self.bar.set_postfix(parts.postfix(row))
             if self.step % config.log_every == 0 or self.step == self.steps:
                 logged = {**row, "lr": self.scheduler.get_last_lr()[0], f"{self.unit}_per_s": self.rate,
                           "epoch": self.order.epochs}
