@@ -83,7 +83,7 @@ labels() {   # COMBINE other than first keeps its own files beside: ai_pairs_$CO
   echo $n > $OUT/ai_pairs$s.count
 }
 
-rules() {   # the preference RM and PPO as in the quickstart's recipe; the rule RM on rules.jsonl
+rules() {   # the preference RM and PPO as the quickstart's recipe had them for the published figures; the rule RM on rules.jsonl
   done_ $OUT/rm || $RL rm --model $OUT/sft --data $W/rankings.jsonl --loss ranking --harden --harden-kinds 0 \
       --harden-only $PREF_HARDEN --batch-size 16 --lr 1e-3 \
       --max-steps $PREF_RM_STEPS "${q[@]}" --out $OUT/rm

@@ -32,7 +32,7 @@ class QuickstartConfig:
     """Run the whole recipe on the toy world and print what each stage bought."""
 
     stage = "quickstart"
-    preset: str = opt("default", "how big: tiny (~1 min, for tests) or default (~12 min on 2 CPU cores)", ("tiny", "default"))
+    preset: str = opt("default", "how big: tiny (~1 min, for tests) or default (~10 min on 2 CPU cores)", ("tiny", "default"))
     scenario: str = opt("default", "what to run: default (the recipe working), or hacking (a reward model that likes "
                                    "short answers and an under-trained one, PPO on them, and the guards and alarms "
                                    "that catch it)", ("default", "hacking"))
