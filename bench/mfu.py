@@ -36,7 +36,7 @@ Per stage (unit of the row's metric):
     reward model 2 N_t T + 2 d n; policy training, per epoch, 6 N_t T + 6 N_h n A
     (LoRA: 4 N_t T + 4 N_h n A + 6 N_lora T);
     critic, where the method has one: a value head on the policy's body 2 d n A + per epoch 6 d n A;
-    a critic model of its own (rlhflab's default separate critic) 2 N_t T + per epoch 6 N_t T
+    a critic model of its own (rlhflab's --critic separate) 2 N_t T + per epoch 6 N_t T
     (LoRA critic adapter: 4 N_t T + 6 N_lora T per epoch), plus its value head.
 
 P: prompt tokens (chat template included), A: answer tokens (chat template's closing tokens
@@ -64,7 +64,7 @@ from fixtures import MODELS, VOCAB, WORK  # bench/ is not a package: its own fol
 RL_SHAPES = {
     "grpo": dict(prompts=4, samples=4, answer=32, epochs=4, lora=0),
     "ppo": dict(prompts=16, samples=1, answer=32, epochs=4, lora=0),
-    "ppo-shared-critic": dict(prompts=16, samples=1, answer=32, epochs=4, lora=0),
+    "ppo-separate-critic": dict(prompts=16, samples=1, answer=32, epochs=4, lora=0),
     "ppo-lora-memory": dict(prompts=16, samples=1, answer=32, epochs=1, lora=16),
     "ppo-lora-memory-release": dict(prompts=16, samples=1, answer=32, epochs=1, lora=16),
 }
@@ -104,11 +104,11 @@ def fixture_params(model: str) -> dict:
 
 def critic_of(workload: str, side: str) -> str | None:
     """The row's critic design: None (critic-free), "head" (value head on the policy's body: TRL
-    0.11.4's design and rlhflab's --critic shared), "model" (rlhflab's default full-mode critic, a
-    model of its own), "adapter" (rlhflab's default LoRA-mode critic, an adapter over the base)."""
+    0.11.4's design and rlhflab's default, --critic shared), "model" (rlhflab's --critic separate in
+    full mode, a model of its own), "adapter" (--critic separate under LoRA, an adapter over the base)."""
     if workload == "grpo":
         return None
-    if side == "rlhflab" and workload in ("ppo", "ppo-lora-memory", "ppo-lora-memory-release"):
+    if side == "rlhflab" and workload.endswith("separate-critic"):
         return "adapter" if "lora" in workload else "model"
     return "head"
 
@@ -284,7 +284,7 @@ def per_side_rows(markdown: str) -> list[dict]:
 
 
 METRICS = {"sft": "tokens_per_s", "rm": "pairs_per_s", "dpo": "pairs_per_s", "grpo": "seconds_per_step",
-           "ppo": "seconds_per_step", "ppo-shared-critic": "seconds_per_step"}
+           "ppo": "seconds_per_step", "ppo-separate-critic": "seconds_per_step"}
 
 
 def default_stats() -> dict:

@@ -134,9 +134,10 @@ def workloads(quick: bool) -> list[Workload]:
             notes="a step = 16 prompts, one sample each of exactly 32 tokens, reward model, GAE, 4 epochs of "
                   "mini-batches of 4; full fine-tuning" + note)
           for name, extra, note in (
-              ("ppo", [], "; rlhflab's default critic: a model of its own, started from the reward model"),
-              ("ppo-shared-critic", ["--critic", "shared"],
-               "; rlhflab with `--critic shared`: a value head on the policy's body, TRL 0.11.4's own design"))],
+              ("ppo", [], "; rlhflab's default critic: a value head on the policy's body, TRL 0.11.4's own design"),
+              ("ppo-separate-critic", ["--critic", "separate"],
+               "; rlhflab with `--critic separate`: a critic model of its own, started from the reward model "
+               "(InstructGPT)"))],
         *[Workload(
             name, "llama-100m", "peak_rss_mib", 0.6, ["sft-100m-lora", "rm-100m-lora"],
             Side("rlhflab", ["ppo", "--lora", "true", "--estimator", "gae", "--policy", "{sft-100m-lora}",
@@ -399,7 +400,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one short run per side (a smoke test, not a result)")
     parser.add_argument("--only", default="", help="comma-separated workloads: sft,rm,dpo,grpo,ppo,"
-                                                   "ppo-shared-critic,ppo-lora-memory,ppo-lora-memory-release")
+                                                   "ppo-separate-critic,ppo-lora-memory,ppo-lora-memory-release")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side (medians are reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every side (see RESULTS.md)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one run may take")

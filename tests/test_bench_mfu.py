@@ -69,10 +69,11 @@ def test_stage_formulas_on_the_6m_fixture():
     forward = 2 * nt * 138 + 2 * nh * 128
     grpo = 4 * (3 * forward + (2 * nt * 138 + 2 * 256 * 4) + 4 * (6 * nt * 138 + 6 * nh * 128))
     assert mfu.flops_per_unit("grpo", "rlhflab", "llama-6m", stats) == (grpo, "step")
-    # PPO: 16 prompts x 1 sample; the peer's value head against rlhflab's separate critic model
+    # PPO: 16 prompts x 1 sample; the peer's value head against rlhflab's default (the same head) and
+    # its separate critic model
     head = mfu.flops_per_unit("ppo", "TRL 0.11.4 PPOTrainer.step", "llama-6m", stats)[0]
-    own = mfu.flops_per_unit("ppo", "rlhflab", "llama-6m", stats)[0]
-    shared = mfu.flops_per_unit("ppo-shared-critic", "rlhflab", "llama-6m", stats)[0]
+    shared = mfu.flops_per_unit("ppo", "rlhflab", "llama-6m", stats)[0]
+    own = mfu.flops_per_unit("ppo-separate-critic", "rlhflab", "llama-6m", stats)[0]
     assert shared == head
     assert own - head == 16 * (2 * nt * 42 + 4 * 6 * nt * 42)
     # LoRA: the frozen base costs 4 per trained token, the adapters 6

@@ -24,8 +24,8 @@ def ppo(sft, rm, out, *extra) -> dict:
 
 
 @pytest.mark.parametrize("estimator,extra", [
-    ("gae", ["--lora"]), ("gae", ["--no-lora"]), ("gae", ["--lora", "--critic", "shared"]),
-    ("gae", ["--no-lora", "--critic", "shared"]), ("grpo", ["--lora", "--n-samples", "2"]),
+    ("gae", ["--lora"]), ("gae", ["--no-lora"]), ("gae", ["--lora", "--critic", "separate"]),
+    ("gae", ["--no-lora", "--critic", "separate"]), ("grpo", ["--lora", "--n-samples", "2"]),
     ("rloo", ["--lora", "--n-samples", "2"]), ("reinforce++", ["--lora"]),
     ("gae", ["--lora", "--gradient-checkpointing"]), ("gae", ["--no-lora", "--gradient-checkpointing"]),
 ])
