@@ -27,6 +27,21 @@ def kept_notes(path: Path) -> str:
     return text.split(NOTES, 1)[1].strip("\n") if NOTES in text else ""
 
 
+GPU_HEADING, GPU_END = "## GPU (bf16)\n", "\n## Settings and exact commands"
+
+
+def kept_gpu(path: Path) -> str:
+    """The GPU section of an earlier RESULTS.md when it holds measurements, else "": a run on a
+    machine without a GPU must not erase figures measured on one."""
+    if not path.exists():
+        return ""
+    text = path.read_text(encoding="utf-8")
+    if GPU_HEADING not in text or GPU_END not in text.split(GPU_HEADING, 1)[1]:
+        return ""
+    section = text.split(GPU_HEADING, 1)[1].split(GPU_END, 1)[0].strip("\n")
+    return "" if section.startswith("Not measured") else section
+
+
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -170,10 +185,14 @@ def commands(results: dict) -> str:
     return "\n".join(out)
 
 
-def gpu(results: dict) -> str:
+def gpu(results: dict, kept: str = "") -> str:
     section = results.get("gpu") or {}
     if not section.get("measured"):
-        return f"Not measured: {section.get('reason', 'no GPU on this machine')}."
+        missing = f"Not measured: {section.get('reason', 'no GPU on this machine')}."
+        if kept:   # an earlier run's GPU figures, which this run could not replace
+            return f"Not measured in this run: {section.get('reason', 'no GPU on this machine')}. " \
+                   f"The figures of an earlier run:\n\n{kept}"
+        return missing
     lines = [f"Device: {section.get('device')} (torch {section.get('torch', '?')}), dtype bf16, model "
              f"{section.get('model')} ({section.get('parameters', 0) / 1e6:.0f}M parameters), one GPU.", "",
              "| workload | trained tokens/s | pairs/s | s/RL step | generated tokens/s | MFU | peak GPU memory MiB |",
@@ -188,7 +207,7 @@ def gpu(results: dict) -> str:
     return "\n".join(lines)
 
 
-def render(results: dict, notes: str = "") -> str:
+def render(results: dict, notes: str = "", kept_gpu_section: str = "") -> str:
     m = results["machine"]
     versions = "\n".join(f"- {name}: {v}" for name, v in m["versions"].items())
     quick = "\n> **--quick run: one short run per side, a smoke test of the harness, not a result.**\n" \
@@ -232,7 +251,7 @@ outside training (imports, load, tokenising, saving) is in the table below.
 
 ## GPU (bf16)
 
-{gpu(results)}
+{gpu(results, kept_gpu_section)}
 
 ## Settings and exact commands
 

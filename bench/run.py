@@ -437,7 +437,7 @@ def main() -> None:
     import report
 
     target = Path(args.results or (WORK / "RESULTS-quick.md" if args.quick else BENCH / "RESULTS.md"))
-    target.write_text(report.render(results, report.kept_notes(target)), encoding="utf-8")
+    target.write_text(report.render(results, report.kept_notes(target), report.kept_gpu(target)), encoding="utf-8")
     print(f"\n{report.table(results)}\n\nwrote {target} (raw figures: {saved.relative_to(ROOT)}); "
           f"suite took {results['suite_s'] / 60:.1f} min")
 

@@ -125,3 +125,20 @@ def test_per_side_rows_of_a_written_table():
     rows = mfu.per_side_rows(text)
     assert rows == [{"workload": "sft", "side": "rlhflab", "median": 3062.0, "seconds_per_step": None},
                     {"workload": "ppo-lora-memory", "side": "rlhflab", "median": 1610.0, "seconds_per_step": 18.9}]
+
+
+def test_a_run_without_a_gpu_keeps_the_gpu_figures_of_an_earlier_one(tmp_path):
+    earlier = tmp_path / "RESULTS.md"
+    measured = "Device: H200, dtype bf16.\n\n| workload | trained tokens/s |\n|---|---|\n| sft (full) | 2360 |"
+    earlier.write_text(f"# B\n\n## GPU (bf16)\n\n{measured}\n\n## Settings and exact commands\n\nx\n", encoding="utf-8")
+    kept = report.kept_gpu(earlier)
+    assert kept == measured
+    section = report.gpu({"gpu": {"measured": False, "reason": "no GPU here"}}, kept)
+    assert section.startswith("Not measured in this run: no GPU here.") and section.endswith(measured)
+    # nothing measured before: nothing kept, the section says so
+    earlier.write_text("## GPU (bf16)\n\nNot measured: no GPU.\n\n## Settings and exact commands\n", encoding="utf-8")
+    assert report.kept_gpu(earlier) == "" and report.kept_gpu(tmp_path / "missing.md") == ""
+    assert report.gpu({"gpu": {"measured": False, "reason": "no GPU here"}}, "") == "Not measured: no GPU here."
+    # a run with a GPU writes its own figures, whatever was kept
+    fresh = {"gpu": {"measured": True, "device": "H100", "model": "llama", "parameters": 5e8, "workloads": {}}}
+    assert report.gpu(fresh, kept).startswith("Device: H100")
