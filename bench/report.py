@@ -188,11 +188,10 @@ def commands(results: dict) -> str:
 def gpu(results: dict, kept: str = "") -> str:
     section = results.get("gpu") or {}
     if not section.get("measured"):
-        missing = f"Not measured: {section.get('reason', 'no GPU on this machine')}."
+        reason = section.get("reason", "no GPU on this machine")
         if kept:   # an earlier run's GPU figures, which this run could not replace
-            return f"Not measured in this run: {section.get('reason', 'no GPU on this machine')}. " \
-                   f"The figures of an earlier run:\n\n{kept}"
-        return missing
+            return f"Not measured in this run: {reason}. The figures of an earlier run:\n\n{kept}"
+        return f"Not measured: {reason}."
     lines = [f"Device: {section.get('device')} (torch {section.get('torch', '?')}), dtype bf16, model "
              f"{section.get('model')} ({section.get('parameters', 0) / 1e6:.0f}M parameters), one GPU.", "",
              "| workload | trained tokens/s | pairs/s | s/RL step | generated tokens/s | MFU | peak GPU memory MiB |",
