@@ -35,11 +35,9 @@ def kept_gpu(path: Path) -> str:
     machine without a GPU must not erase figures measured on one."""
     if not path.exists():
         return ""
-    text = path.read_text(encoding="utf-8")
-    if GPU_HEADING not in text or GPU_END not in text.split(GPU_HEADING, 1)[1]:
-        return ""
-    section = text.split(GPU_HEADING, 1)[1].split(GPU_END, 1)[0].strip("\n")
-    return "" if section.startswith("Not measured") else section
+    section, ended, _ = path.read_text(encoding="utf-8").partition(GPU_HEADING)[2].partition(GPU_END)
+    section = section.strip("\n")
+    return section if ended and not section.startswith("Not measured") else ""
 
 
 def median(values):
