@@ -28,6 +28,7 @@ def kept_notes(path: Path) -> str:
 
 
 GPU_HEADING, GPU_END = "## GPU (bf16)\n", "\n## Settings and exact commands"
+KEPT_GPU = "The figures of an earlier run:\n\n"
 
 
 def kept_gpu(path: Path) -> str:
@@ -37,6 +38,8 @@ def kept_gpu(path: Path) -> str:
         return ""
     section, ended, _ = path.read_text(encoding="utf-8").partition(GPU_HEADING)[2].partition(GPU_END)
     section = section.strip("\n")
+    if KEPT_GPU in section:   # kept by a run before, itself without a GPU
+        return section.partition(KEPT_GPU)[2]
     return section if ended and not section.startswith("Not measured") else ""
 
 
@@ -188,7 +191,7 @@ def gpu(results: dict, kept: str = "") -> str:
     if not section.get("measured"):
         reason = section.get("reason", "no GPU on this machine")
         if kept:   # an earlier run's GPU figures, which this run could not replace
-            return f"Not measured in this run: {reason}. The figures of an earlier run:\n\n{kept}"
+            return f"Not measured in this run: {reason}. {KEPT_GPU}{kept}"
         return f"Not measured: {reason}."
     lines = [f"Device: {section.get('device')} (torch {section.get('torch', '?')}), dtype bf16, model "
              f"{section.get('model')} ({section.get('parameters', 0) / 1e6:.0f}M parameters), one GPU.", "",

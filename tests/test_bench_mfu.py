@@ -135,6 +135,9 @@ def test_a_run_without_a_gpu_keeps_the_gpu_figures_of_an_earlier_one(tmp_path):
     assert kept == measured
     section = report.gpu({"gpu": {"measured": False, "reason": "no GPU here"}}, kept)
     assert section.startswith("Not measured in this run: no GPU here.") and section.endswith(measured)
+    # a second run without a GPU keeps the same figures, not the first one's note around them
+    earlier.write_text(f"## GPU (bf16)\n\n{section}\n\n## Settings and exact commands\n", encoding="utf-8")
+    assert report.kept_gpu(earlier) == measured
     # nothing measured before: nothing kept, the section says so
     earlier.write_text("## GPU (bf16)\n\nNot measured: no GPU.\n\n## Settings and exact commands\n", encoding="utf-8")
     assert report.kept_gpu(earlier) == "" and report.kept_gpu(tmp_path / "missing.md") == ""
