@@ -162,6 +162,41 @@ def test_gradient_checkpointing_saves_fewer_activations_and_keeps_the_gradients(
         torch.testing.assert_close(checkpointed[name], grad, msg=name)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2", "opt", "bloom", "gpt_neox", "llama"])
+def test_gradient_checkpointing_also_applies_in_eval_mode_and_leaves_generation_alone(tiny_model, arch):
+    """RL keeps the policy in eval mode (no dropout): its gradient passes still recompute, with the
+    same gradients, while no-grad passes and cached generation run exactly as without it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhflab.models.loading import enable_gradient_checkpointing
+
+    torch.manual_seed(0)
+    ids = torch.randint(5, 500, (2, 12))
+
+    def run(checkpointed: bool):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model(arch))).eval()
+        if checkpointed:
+            assert enable_gradient_checkpointing(model) == 1
+        saved, calls = [], []
+        for sub in model.modules():   # a recomputed layer calls its submodules again during backward
+            if isinstance(sub, (torch.nn.Linear, torch.nn.LayerNorm)) or "Norm" in type(sub).__name__:
+                sub.register_forward_hook(lambda *_: calls.append(1))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            model(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+        with torch.no_grad():
+            generated = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False, use_cache=True)
+        assert not model.training
+        return {n: p.grad for n, p in model.named_parameters()}, sum(saved), len(calls), generated
+
+    plain, plain_saved, plain_calls, plain_generated = run(False)
+    checkpointed, checkpointed_saved, checkpointed_calls, checkpointed_generated = run(True)
+    assert checkpointed_calls > plain_calls and checkpointed_saved < plain_saved
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=name)
+    assert torch.equal(checkpointed_generated, plain_generated)
+
+
 def test_gradient_checkpointing_leaves_frozen_models_alone(tiny_model):
     from transformers import AutoModelForCausalLM
 

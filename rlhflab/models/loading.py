@@ -7,6 +7,7 @@ support is ~20x slower).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -25,6 +26,7 @@ from transformers import (
     LlamaConfig,
     PreTrainedModel,
 )
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from rlhflab import runs
 from rlhflab.data.template import ensure_chat_template, ensure_pad_token, stop_token_ids
@@ -254,7 +256,9 @@ def enable_gradient_checkpointing(module) -> int:
     """Activation checkpointing on every trainable HF model inside `module`; returns how many.
 
     Non-reentrant checkpointing, so a LoRA model with frozen embeddings needs no input-grad hook.
-    Only layers in training mode recompute: generation and no-grad passes run as before.
+    Every pass that records gradients recomputes, in training mode or not: PPO and GRPO keep the
+    policy in eval mode (no dropout in the log-probs they compare), where transformers' own
+    checkpointing stands aside. Generation and no-grad passes run as before.
     """
 
     done, seen = 0, set()
@@ -268,8 +272,27 @@ def enable_gradient_checkpointing(module) -> int:
             raise UsageError(f"--gradient-checkpointing: {type(sub).__name__} does not support it")
         sub.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         sub.config.use_cache = False
+        for layer in sub.modules():
+            if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing:
+                layer.forward = _checkpointed_in_eval_mode(layer)
         done += 1
     return done
+
+
+def _checkpointed_in_eval_mode(layer):
+    """The layer's forward, checkpointed also when the layer is in eval mode and gradients are
+    recorded (in training mode transformers' own wrapper checkpoints; a pass with a KV cache, as
+    generation's, is never checkpointed)."""
+    forward = type(layer).forward
+
+    def run(*args, **kwargs):
+        if layer.training or not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None:
+            return forward(layer, *args, **kwargs)
+        kwargs["use_cache"] = False
+        return torch.utils.checkpoint.checkpoint(functools.partial(forward, layer, **kwargs), *args,
+                                                 use_reentrant=False)
+
+    return run
 
 
 def resize_for_tokenizer(model, tokenizer) -> bool:
