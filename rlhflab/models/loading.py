@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,25 +275,21 @@ def enable_gradient_checkpointing(module) -> int:
         sub.config.use_cache = False
         for layer in sub.modules():
             if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing:
-                layer.forward = _checkpointed_in_eval_mode(layer)
+                layer.forward = types.MethodType(_checkpointed_in_eval_mode, layer)
         done += 1
     return done
 
 
-def _checkpointed_in_eval_mode(layer):
-    """The layer's forward, checkpointed also when the layer is in eval mode and gradients are
-    recorded (in training mode transformers' own wrapper checkpoints; a pass with a KV cache, as
-    generation's, is never checkpointed)."""
-    forward = type(layer).forward
-
-    def run(*args, **kwargs):
-        if layer.training or not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None:
-            return forward(layer, *args, **kwargs)
+def _checkpointed_in_eval_mode(self, *args, **kwargs):
+    """A layer's forward (bound to the layer, so a copied model's copy runs its own weights),
+    checkpointed also in eval mode when gradients are recorded: in training mode transformers' own
+    wrapper checkpoints, and a pass with a KV cache, as generation's, is never checkpointed."""
+    forward = type(self).forward
+    if self.training or not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None:
+        return forward(self, *args, **kwargs)
+    if kwargs.get("use_cache"):
         kwargs["use_cache"] = False
-        return torch.utils.checkpoint.checkpoint(functools.partial(forward, layer, **kwargs), *args,
-                                                 use_reentrant=False)
-
-    return run
+    return torch.utils.checkpoint.checkpoint(functools.partial(forward, self, **kwargs), *args, use_reentrant=False)
 
 
 def resize_for_tokenizer(model, tokenizer) -> bool:
