@@ -141,6 +141,13 @@ def test_bad_options_are_named(sft_and_rm, cli):
     assert result.returncode == 2 and "--n-samples must be >= 2" in result.stderr
     result = cli("ppo", "--policy", sft, "--reward", sft, "--prompts", SAMPLES / "prompts.jsonl", "--lora")
     assert result.returncode == 2 and "LoRA adapter on the same base" in result.stderr
+    result = cli("ppo", "--policy", sft, "--reward", rm, "--prompts", SAMPLES / "prompts.jsonl", "--critic-init", "sft")
+    assert result.returncode == 2 and "add --critic separate" in result.stderr   # not silently ignored
+
+    from rlhflab.cli.main import parse
+
+    base = ["--policy", str(sft), "--reward", str(rm), "--prompts", str(SAMPLES / "prompts.jsonl")]
+    assert parse("ppo", [*base, "--critic", "separate", "--critic-init", "sft"]).critic_init == "sft"
 
 
 def test_seed_001_collapse_to_empty_answers_and_the_eos_guard(tiny_model, tmp_path):

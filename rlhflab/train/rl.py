@@ -146,6 +146,11 @@ class RLConfig(ModelOptions, TrainOptions):
                 raise UsageError(f"--{name.replace('_', '-')}: must be at least 1")
         if self.min_new_tokens > self.max_new_tokens:
             raise UsageError("--min-new-tokens must not exceed --max-new-tokens")
+        if self.critic_init != "reward" and not (self.estimator_spec.critic and self.critic == "separate"):
+            raise UsageError(f"--critic-init {self.critic_init} starts a separate critic, which this run does not have "
+                             + ("(--critic shared, the default, is a fresh value head on the policy's body): add "
+                                "--critic separate, or leave --critic-init out" if self.estimator_spec.critic else
+                                f"(--estimator {self.estimator} has no critic): leave --critic-init out"))
 
     @property
     def estimator_spec(self) -> losses.Estimator:
