@@ -72,12 +72,13 @@ def test_a_new_estimator_is_one_table_row(like, sft_and_rm, tmp_path, monkeypatc
     assert summary["estimator"] == "toy" and summary["shared_prompt"] == (not row.critic and row.min_samples > 1)
 
 
-def test_lora_mode_holds_one_base_and_starts_at_zero_kl(sft_and_rm, tmp_path):
+def test_lora_mode_holds_one_base_and_starts_at_zero_kl(sft_and_rm, tmp_path, capsys):
     sft, rm = sft_and_rm
-    summary = ppo(sft, rm, tmp_path / "run", "--lora", "--max-steps", 1)
+    summary = ppo(sft, rm, tmp_path / "run", "--lora", "--max-steps", 1, "--lora-dropout", 0.1)
     assert summary["base_weight_copies"] == 1
     first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
     assert first["kl_k1"] == 0.0 and first["kl_k3"] == 0.0
+    assert "--lora-dropout 0.1 has no effect" in capsys.readouterr().err   # said, not silently dropped
 
 
 def test_full_mode_keeps_separate_models(sft_and_rm, tmp_path):

@@ -399,6 +399,9 @@ def run(config: RLConfig) -> dict:
         raise UsageError(f"--reward judge scores answers with the toy world's judge, but {config.prompts} has "
                          "prompts without a toy-world meta.family (export them with `rlhflab world export`)")
     setup = skeleton.prepare_stage(config)
+    if config.lora and config.lora_dropout:
+        print(f"note: --lora-dropout {config.lora_dropout} has no effect here: RL runs the policy without dropout, so "
+              "that the log-probs of a rollout and of its update compare like with like", file=sys.stderr)
     processes = setup.accelerator.num_processes
     for name in ("rollout_prompts", "mini_batch"):   # counted over all processes, which each take an equal share
         if getattr(config, name) % processes:
