@@ -81,6 +81,22 @@ def test_lora_mode_holds_one_base_and_starts_at_zero_kl(sft_and_rm, tmp_path, ca
     assert "--lora-dropout 0.1 has no effect" in capsys.readouterr().err   # said, not silently dropped
 
 
+@pytest.mark.parametrize("extra", [["--lora"], ["--no-lora", "--critic", "separate"],
+                                   ["--lora", "--estimator", "grpo", "--n-samples", "2"]])
+def test_gradient_checkpointing_recomputes_in_the_update(sft_and_rm, tmp_path, monkeypatch, extra):
+    """The policy (and a separate critic) stay in eval mode in RL; --gradient-checkpointing must act there."""
+    import torch.utils.checkpoint
+
+    calls, checkpoint = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    sft, rm = sft_and_rm
+    ppo(sft, rm, tmp_path / "plain", "--max-steps", 1, *extra)
+    assert not calls
+    ppo(sft, rm, tmp_path / "run", "--max-steps", 1, "--gradient-checkpointing", *extra)
+    layers = 2 * (2 if "separate" in extra else 1)   # the tiny model's layers, and the critic's own
+    assert len(calls) >= layers
+
+
 def test_full_mode_keeps_separate_models(sft_and_rm, tmp_path):
     sft, rm = sft_and_rm
     assert ppo(sft, rm, tmp_path / "run", "--no-lora", "--max-steps", 1)["base_weight_copies"] > 1
