@@ -15,6 +15,7 @@ from rlhflab.cli.pipeline import find_pipeline, load_pipeline, pipeline_params
 from rlhflab.errors import UsageError
 from rlhflab.evals import report
 from rlhflab.evals.verdict import verdict
+from rlhflab.runs import read_metrics
 from rlhflab.train.alarms import Alarm
 from rlhflab.world import judge
 
@@ -163,11 +164,14 @@ def test_the_hacking_scenario_collapses_without_the_guard_and_not_with_it(cli, t
     assert "best-of-2" not in models
     unguarded, guarded = stages["ppo-unguarded"], stages["ppo-guarded"]
     assert unguarded["alarms"]                                              # an alarm caught it
-    # The collapse, in greedy held-out answers: much shorter (empty or next to it: how far it goes in
-    # the tiny preset depends on float rounding, e.g. the thread count), and worse by the gold judge.
-    sft, hacked = models["sft"], models["ppo-unguarded"]
-    assert hacked["mean_chars"] < 0.6 * sft["mean_chars"] and hacked["gold"] < sft["gold"]
-    assert guarded["final_empty_rate"] < 0.1        # the guard: no empty rollout while it trains
+    # The collapse, in the sampled rollouts: the reward model pulls the answers shorter, and without
+    # the guard empty ones appear; with it there is never one. (Where the tiny preset's greedy answers
+    # end up, empty or a stuck token, depends on float rounding: the CPU, the seed; not asserted.)
+    rollouts = {name: read_metrics(out / name / "metrics.jsonl") for name in ("ppo-unguarded", "ppo-guarded")}
+    lengths = [m["response_len"] for m in rollouts["ppo-unguarded"]]
+    assert min(lengths) < 0.6 * lengths[0]
+    assert max(m["empty_rate"] for m in rollouts["ppo-unguarded"]) > 0
+    assert max(m["empty_rate"] for m in rollouts["ppo-guarded"]) == 0 and guarded["final_empty_rate"] == 0
     assert results["rl"]["ppo-undertrained"]["reward_model"] == "rm-undertrained"
     assert results["rl"]["ppo-guarded"]["min_new_tokens"] > 1
     assert "verdict:" in result.stdout and "ppo-unguarded raised" in result.stdout
