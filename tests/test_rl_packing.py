@@ -61,3 +61,34 @@ def test_grpo_with_and_without_packing(sft_and_rm, tmp_path):
     assert first["true"]["kl_k1"] == 0.0                        # policy = reference at step 1, packed or not
     for key in ("reward", "entropy", "response_len"):
         assert first["true"][key] == pytest.approx(first["false"][key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padding_no_row_needs_is_skipped_with_the_same_logprobs(arch, tiny_model):
+    """A mini-batch whose prompts are all shorter than the rollout's longest drops the columns that
+    are padding in every row: the same log-probs, values and entropy, from a shorter pass."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhflab.models.forward import hidden_states, trim_left_padding
+    from rlhflab.train.roles import Roles, _value_head, response_logprobs
+
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny_model(arch))).eval()
+    ids, mask, prompt_len = _rollout(lm.config.vocab_size)
+    ids, mask = ids[3:], mask[3:]                      # the left-padded prompt's samples only: 3 columns to spare
+    trimmed_ids, trimmed_mask, trimmed_len = trim_left_padding(lm, ids, mask, prompt_len)
+    if arch == "bloom":   # no position ids to keep the tokens' positions with: left as it is
+        assert trimmed_ids is ids and trimmed_len == prompt_len
+    else:
+        assert trimmed_ids.shape[1] == ids.shape[1] - 3 and trimmed_len == prompt_len - 3
+        assert bool(trimmed_mask[:, 0].all())
+    torch.manual_seed(0)
+    roles = Roles(lm, _value_head(lm.config.hidden_size, None, ids.device), None, lora=False, reference_adapter=None,
+                  reward_adapter=None, critic_adapter=None, shared_critic=True)
+    whole, entropy_whole = response_logprobs(lm, ids, mask, prompt_len, with_entropy=True)   # untrimmed
+    logprobs, entropy = roles.logprobs("policy", ids, mask, prompt_len, with_entropy=True)
+    torch.testing.assert_close(logprobs, whole, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(entropy, entropy_whole, rtol=1e-4, atol=1e-5)
+    shared_logprobs, _, values = roles.policy_and_values(ids, mask, prompt_len)
+    torch.testing.assert_close(shared_logprobs, whole, rtol=1e-4, atol=1e-5)
+    expected = roles.value_head(hidden_states(lm, ids, mask)[:, prompt_len - 1:-1])
+    torch.testing.assert_close(values, expected, rtol=1e-4, atol=1e-5)

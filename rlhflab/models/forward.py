@@ -47,6 +47,21 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def trim_left_padding(lm, input_ids, attention_mask, prompt_len: int):
+    """(input_ids, attention_mask, prompt_len) without the leading columns that are padding in every
+    row: a mini-batch's longest prompt is often shorter than the rollout's, to whose length all rows
+    were left-padded. Each real token keeps its position (counted from the mask), so the log-probs
+    are those of the whole rows, for less work. Rows stay as they are for a model that takes no
+    position ids (its positions would shift) and where no column can go."""
+    if attention_mask is None or "position_ids" not in inspect.signature(lm.forward).parameters:
+        return input_ids, attention_mask, prompt_len
+    real = attention_mask[:, : prompt_len - 1].any(0)   # the last prompt column always stays
+    cut = int(real.long().argmax()) if bool(real.any()) else prompt_len - 1
+    if cut == 0:
+        return input_ids, attention_mask, prompt_len
+    return input_ids[:, cut:], attention_mask[:, cut:], prompt_len - cut
+
+
 def _forward_kwargs(lm, input_ids, attention_mask) -> dict:
     """Forward arguments; with attention_mask None (right padding, see heads.padding_mask_for) no positions."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}

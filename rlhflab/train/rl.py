@@ -209,11 +209,19 @@ def collect(roles, tokenizer, records, config: RLConfig, step: int, kl_ctl, mome
     mask = gen.response_mask.float()                                                   # (B, R)
     # The scoring passes go in mini-batches: one pass over every rollout at once would hold
     # B x T x V logits at a time. The entropy monitor is read here, without grad, so the update
-    # only pays for it when it is a loss term.
+    # only pays for it when it is a loss term. Rows go by prompt length (a stable sort: a group's
+    # samples share their prompt and stay together), so that each mini-batch sheds the left padding
+    # its prompts do not need (Roles trims it); the results come back in the rollout's order.
+    order = torch.argsort(attention_mask[:, :prompt_len].sum(-1), stable=True)
+    unsorted = torch.argsort(order)
+
     def passes(fn, ids=input_ids, am=attention_mask):
+        ids, am = ids[order], am[order]
         parts = [fn(ids[i:i + config.mini_batch], am[i:i + config.mini_batch])
                  for i in range(0, ids.shape[0], config.mini_batch)]
-        return [torch.cat(p) for p in zip(*parts)] if isinstance(parts[0], tuple) else torch.cat(parts)
+        if isinstance(parts[0], tuple):
+            return [torch.cat(p)[unsorted] for p in zip(*parts)]
+        return torch.cat(parts)[unsorted]
 
     estimator = config.estimator_spec
     shared = estimator.critic and roles.shared_critic

@@ -33,6 +33,7 @@ from rlhflab.models.forward import (
     packed_response_logprobs,
     response_logprobs,
     response_selection,
+    trim_left_padding,
 )
 from rlhflab.models.heads import causal_lm, logits_at
 from rlhflab.models.loading import (
@@ -97,6 +98,8 @@ class Roles(nn.Module):
         """(B, R) response log-probs under a role; with `group` > 1 the rows come in groups of
         samples of one prompt and run packed, the prompt once per group."""
         model, adapter, switch = self._role(role)
+        input_ids, attention_mask, prompt_len = trim_left_padding(causal_lm(model), input_ids, attention_mask,
+                                                                  prompt_len)
         with active_adapter(model, adapter) if switch else contextlib.nullcontext():
             if group > 1:
                 return packed_response_logprobs(model, input_ids, attention_mask, prompt_len, group, with_entropy)
@@ -124,6 +127,8 @@ class Roles(nn.Module):
     def policy_and_values(self, input_ids, attention_mask, prompt_len: int, with_entropy: bool = False):
         """Shared critic: (B, R) log-probs, entropy or None, and values from ONE forward of the policy."""
         model, adapter, switch = self._role("policy")
+        input_ids, attention_mask, prompt_len = trim_left_padding(causal_lm(model), input_ids, attention_mask,
+                                                                  prompt_len)
         select = response_selection(input_ids, prompt_len)
         with active_adapter(model, adapter) if switch else contextlib.nullcontext():
             logits, hidden = logits_at(model, select, return_hidden=True,
@@ -139,6 +144,8 @@ class Roles(nn.Module):
         if self.shared_critic:
             return self.policy_and_values(input_ids, attention_mask, prompt_len)[2]
         model, adapter, switch = self._role("critic")
+        input_ids, attention_mask, prompt_len = trim_left_padding(causal_lm(model), input_ids, attention_mask,
+                                                                  prompt_len)
         with active_adapter(model, adapter) if switch else contextlib.nullcontext():
             hidden = hidden_states(model, input_ids, attention_mask)
         return self.value_head(hidden[:, prompt_len - 1:-1])
