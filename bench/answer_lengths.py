@@ -5,7 +5,8 @@
 The gold judge's `concise` facet rewards short answers, and the demonstrator's habits (filler,
 compliance, answering in the other language) make its answers longer than the canonical ones.
 A policy that unlearns the habits therefore gets shorter than its SFT model; this prints by how
-much, so that a length change after RLHF can be read against it.
+much, so that a length change after RLHF can be read against it: against the demonstrations, and
+against each prompt's likeliest demonstration (what greedy decoding of a faithful SFT model gives).
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def main() -> None:
         by_kind[kind].append(len(text))
     for kind, lengths in sorted(by_kind.items(), key=lambda kv: -len(kv[1])):
         print(f"    {kind:<15} {len(lengths) / len(demo):5.1%} of answers, {statistics.mean(lengths):6.1f} characters")
+    # What greedy decoding of a faithful SFT model copies: each prompt's likeliest kind of answer
+    # (a habit where one applies at a rate above one half), drawn 50 times to find it.
+    likeliest = []
+    for record in records:
+        kinds = collections.Counter(demonstrator.demonstrate_with_kind(record, rng, args.habit_rate, habits)[1]
+                                    for _ in range(50))
+        likeliest.append(demonstrator.render(record, kinds.most_common(1)[0][0], rng))
+    print(f"  likeliest per prompt: {statistics.mean(map(len, likeliest)):6.1f} characters, gold {gold(likeliest):.3f}; "
+          f"canonical / likeliest = {statistics.mean(map(len, best)) / statistics.mean(map(len, likeliest)):.2f}")
 
 
 if __name__ == "__main__":
