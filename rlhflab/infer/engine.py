@@ -11,7 +11,6 @@ Dimensions: B prompts, P prompt tokens (left-padded), R generated tokens.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ import torch
 
 from rlhflab.data.template import encode_prompt, stop_token_ids
 from rlhflab.errors import NonFiniteError
-from rlhflab.models.forward import position_ids
+from rlhflab.models.forward import position_ids, takes_position_ids
 
 
 @dataclass
@@ -81,7 +80,7 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 def _accepts_position_ids(model) -> bool:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "position_ids" in inspect.signature(inner.forward).parameters
+    return takes_position_ids(inner)
 
 
 def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

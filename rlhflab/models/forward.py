@@ -47,13 +47,18 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def takes_position_ids(module) -> bool:
+    """Whether the module's forward accepts position_ids (left-padded rows then keep their positions)."""
+    return "position_ids" in inspect.signature(module.forward).parameters
+
+
 def trim_left_padding(lm, input_ids, attention_mask, prompt_len: int):
     """(input_ids, attention_mask, prompt_len) without the leading columns that are padding in every
     row: a mini-batch's longest prompt is often shorter than the rollout's, to whose length all rows
     were left-padded. Each real token keeps its position (counted from the mask), so the log-probs
     are those of the whole rows, for less work. Rows stay as they are for a model that takes no
     position ids (its positions would shift) and where no column can go."""
-    if attention_mask is None or "position_ids" not in inspect.signature(lm.forward).parameters:
+    if attention_mask is None or not takes_position_ids(lm):
         return input_ids, attention_mask, prompt_len
     real = attention_mask[:, : prompt_len - 1].any(0)   # the last prompt column always stays
     cut = int(real.long().argmax()) if bool(real.any()) else prompt_len - 1
@@ -65,7 +70,7 @@ def trim_left_padding(lm, input_ids, attention_mask, prompt_len: int):
 def _forward_kwargs(lm, input_ids, attention_mask) -> dict:
     """Forward arguments; with attention_mask None (right padding, see heads.padding_mask_for) no positions."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if attention_mask is not None and "position_ids" in inspect.signature(lm.forward).parameters:
+    if attention_mask is not None and takes_position_ids(lm):
         kwargs["position_ids"] = position_ids(attention_mask)
     return kwargs
 
@@ -121,7 +126,7 @@ def hidden_states(model, input_ids, attention_mask, position_ids=None) -> torch.
     body = lm.base_model
     if position_ids is None:
         kwargs = _forward_kwargs(body, input_ids, attention_mask)
-    elif "position_ids" in inspect.signature(body.forward).parameters:
+    elif takes_position_ids(body):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     else:
         raise ValueError(f"{type(body).__name__} takes no position_ids: packed rows cannot keep their positions")
