@@ -16,6 +16,7 @@ import warnings
 from rlhflab import config as cfg
 from rlhflab.errors import NonFiniteError, UsageError
 from rlhflab.memory import restart_for_memory_reuse
+from rlhflab.models.bitsandbytes_gate import hide_bitsandbytes, needs_bitsandbytes, restart_with_bitsandbytes
 from rlhflab.runs import release_outputs
 
 # command -> (config class path, function path, one-line description)
@@ -203,12 +204,15 @@ def main(argv: list[str] | None = None) -> int:
         command, rest = f"{command} {rest[0]}", rest[1:]
     if rest and command in POSITIONAL and not rest[0].startswith("-"):
         rest = [POSITIONAL[command], rest[0], *rest[1:]]
+    hidden = process_entry and hide_bitsandbytes(command, rest)
     if command not in COMMANDS:
         print(f"rlhflab: unknown command {command!r}" + cfg.suggest(command, list(COMMANDS)), file=sys.stderr)
         print(usage(), file=sys.stderr)
         return 2
     try:
         config = parse(command, rest)
+        if hidden and needs_bitsandbytes(command, config):
+            restart_with_bitsandbytes()
         result = _load(COMMANDS[command][1])(config)
     except UsageError as exc:
         print(f"rlhflab {command}: error: {exc}", file=sys.stderr)

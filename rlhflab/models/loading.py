@@ -363,6 +363,9 @@ def load_trainable(config, placement: Placement, source: str | None, option: str
         return Trainable(model, tokenizer, None, None)
     if not config.lora:
         model = load_causal_lm(source, placement, config.trust_remote_code, train_full=True, option=option)
+        if getattr(model, "is_quantized", False):
+            raise UsageError(f"{option} {source}: its weights are quantized, which cannot train in full; "
+                             "train a LoRA adapter on them with --lora")
         model.requires_grad_(True)   # an adapter merged into its base comes back frozen, as peft left the base
         resize_for_tokenizer(model, tokenizer)
         model.config.pad_token_id = tokenizer.pad_token_id
