@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, SAMPLES, run_cli
+
 from rlhflab.models.bitsandbytes_gate import needs_bitsandbytes
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from rlhflab.models.fused import fuse_layers
 from rlhflab.models.loading import enable_gradient_checkpointing
 
 
@@ -46,11 +47,13 @@ def make_scheduler(optimizer, config, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def checkpoint_activations(model, config) -> None:
-    """--gradient-checkpointing on the trainable models inside `model` (before accelerator.prepare)."""
+def lean_activations(model, config) -> int:
+    """What the backward pass of the models inside `model` keeps (before accelerator.prepare): the
+    leaner SwiGLU and RMSNorm backward everywhere it applies (models/fused.py), and every layer's
+    activations recomputed with --gradient-checkpointing. Returns how many modules were fused."""
     if config.gradient_checkpointing:
-
         enable_gradient_checkpointing(model)
+    return fuse_layers(model)
 
 
 def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: float):

@@ -443,7 +443,7 @@ def run(config: RLConfig) -> dict:
         groups.append({"params": roles.trainable_parameters("critic"), "lr": config.critic_lr or config.lr})
     optimizer = optim.adamw(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = optim.make_scheduler(optimizer, config, config.max_steps)
-    optim.checkpoint_activations(roles, config)
+    fused = optim.lean_activations(roles, config)
     # every role's body; the rollouts decode plain (a compiled KV cache costs more than it saves here)
     compiled = compile_model(roles, config.compile, config.stage, "the policy")
     roles, optimizer, scheduler = accelerator.prepare(roles, optimizer, scheduler)
@@ -539,5 +539,5 @@ def run(config: RLConfig) -> dict:
                "alarms": alarms, "base_weight_copies": base_weight_copies(roles_module), "lora": config.lora,
                "prompts": len(records), "rows_read": stats.rows_read, "rows_skipped": stats.rows_skipped,
                "seconds_per_step": sum(r["step_time_s"] for r in history) / max(1, len(history)),
-               **compiled.summary()}
+               "fused_modules": fused, **compiled.summary()}
     return skeleton.finish(setup, summary)

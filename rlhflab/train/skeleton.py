@@ -51,7 +51,7 @@ from rlhflab.train.distributed import (
     sum_over_processes,
     uses_deepspeed,
 )
-from rlhflab.train.optim import checkpoint_activations, make_optimizer, make_scheduler, optimizer_step
+from rlhflab.train.optim import lean_activations, make_optimizer, make_scheduler, optimizer_step
 
 
 class _SharedTensorNotice(logging.Filter):
@@ -436,7 +436,7 @@ class Loop:
         accelerator = self.accelerator = setup.accelerator
         optimizer = make_optimizer(model, config)
         scheduler = make_scheduler(optimizer, config, steps)
-        checkpoint_activations(model, config)
+        self.fused = lean_activations(model, config)
         self.compiled = compile_model(model, config.compile, config.stage, f"the {config.stage} model")
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         if config.lora:
@@ -554,4 +554,4 @@ class Loop:
         return {"steps": self.step, f"{self.unit}_per_s": self.rate, f"train_{self.unit}": self.total,
                 "train_time_s": self.train_time, "wall_time_s": self.timer.elapsed,
                 "processes": self.accelerator.num_processes, "engine": engine_name(self.accelerator),
-                **self.compiled.summary()}
+                "fused_modules": self.fused, **self.compiled.summary()}
