@@ -130,3 +130,16 @@ def test_every_training_stage_fuses(tiny_model, tmp_path):
     assert main(["sft", "--model", str(tiny_model("gpt2")), "--data", str(SAMPLES / "sft_messages.jsonl"),
                  "--out", str(out), "--max-steps", "1", "--batch-size", "2", "--progress", "false"]) == 0
     assert json.loads((out / "summary.json").read_text())["fused_modules"] == 0
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_bf16_as_on_a_gpu(lora):
+    """In bf16 the norms keep their input (the frozen norm's output / weight would lose precision)."""
+    ids = torch.randint(3, VOCAB, (2, 9))
+    plain, fused = build("llama", lora).to(torch.bfloat16), build("llama", lora).to(torch.bfloat16)
+    assert fuse_layers(fused) == EXPECTED["llama"]
+    expected_loss, expected = loss_and_grads(plain, ids)
+    loss, grads = loss_and_grads(fused, ids)
+    assert loss == pytest.approx(expected_loss, rel=1e-2)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad.float(), expected[name].float(), rtol=5e-2, atol=5e-3, msg=name)
