@@ -135,9 +135,12 @@ def _is_rms_norm(module) -> bool:
 def _agrees(module, fused_forward, width: int) -> bool:
     """Whether the replacement computes what the module's own forward does, with gradients on, on
     a small random input (a subclass may compute something else under the same names)."""
-    param = next(module.parameters())
-    x = torch.randn(2, 3, width, device=param.device, dtype=param.dtype, requires_grad=True)
+    # the dtype the module computes in: its first floating-point weight's (a 4-bit layer's is packed bytes)
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if param is None:
+        return False
     try:
+        x = torch.randn(2, 3, width, device=param.device, dtype=param.dtype, requires_grad=True)
         with torch.enable_grad():
             expected = type(module).forward(module, x)
             got = fused_forward(module, x)
