@@ -14,8 +14,9 @@ and more. Written as one autograd function each, the backward recomputes the che
 The results and gradients are those of the model's own code (tests compare them at fp32 rounding
 on every architecture they build). A module is only rewritten when its own forward, run once on a
 small random input, gives what the replacement gives; anything else (another activation, Gemma's
-(1 + weight) norm, GPT-2's LayerNorm and GELU MLP) runs as it was. Generation and other passes
-without gradients take the original forward.
+(1 + weight) norm, GPT-2's LayerNorm and GELU MLP) runs as it was. Passes without gradients
+(generation, scoring) compute exactly what they did: the norms take their own forward there, and
+the MLP's function only multiplies silu(gate) by up.
 """
 
 from __future__ import annotations
