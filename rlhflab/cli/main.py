@@ -15,7 +15,7 @@ import warnings
 
 from rlhflab import config as cfg
 from rlhflab.errors import NonFiniteError, UsageError
-from rlhflab.memory import restart_for_memory_reuse
+from rlhflab.memory import loaded_torch, restart_for_memory_reuse
 from rlhflab.models.bitsandbytes_gate import hide_bitsandbytes, needs_bitsandbytes, restart_with_bitsandbytes
 from rlhflab.runs import release_outputs
 
@@ -227,7 +227,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         release_outputs()   # the --out directories this command locked
+        if process_entry:
+            close_process_group()
     return result if isinstance(result, int) else 0
+
+
+def close_process_group() -> None:
+    """End this process's part of a multi-process run (torchrun, accelerate launch) before it exits.
+    A process group left open is torn down by static destructors while its communication threads
+    still run: the process can then abort ("terminate called without an active exception") while
+    the other processes are finishing. Only at process exit: a pipeline's stages share the group."""
+    torch = loaded_torch()
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    try:
+        torch.distributed.destroy_process_group()
+    except (RuntimeError, ValueError) as exc:   # exiting anyway: say so, never fail the command for it
+        print(f"rlhflab: note: could not close the process group: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":
