@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig
-from conftest import ROOT, SAMPLES
+from conftest import ROOT, SAMPLES, free_port
 from safetensors.torch import load_file
 
 from rlhflab.cli.main import main
@@ -311,3 +311,18 @@ def test_launch_configs_load_as_accelerate_reads_them(name):
 
 def test_every_launch_config_is_checked():
     assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
+
+
+def test_a_command_closes_its_process_group_before_exiting():
+    """A process group left open is torn down by static destructors while its threads run, which
+    can abort a rank; the command line closes it on the way out, also after an error."""
+    code = ("import os, sys, torch.distributed as dist\n"
+            "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(%d))\n"
+            "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+            "from rlhflab.cli.main import main\n"
+            "sys.argv = ['rlhflab', 'sft', '--no-such-option', '1']\n"
+            "code = main()\n"
+            "print('exit', code, 'open', dist.is_initialized())") % free_port()
+    done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "exit 2 open False" in done.stdout, done.stdout + done.stderr
